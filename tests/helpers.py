@@ -1,0 +1,37 @@
+"""Helpers shared by the tests: tolerances, relative error, strided inputs."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# ||out - ref|| / ||ref|| bounds against an fp64 reference (METHOD.md: fp32 far under 1e-3, bf16 1e-3..1e-2).
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite values in output"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def strided(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The same values as t in a non-contiguous view (every other element of a doubled buffer along dim)."""
+    dim = dim % t.dim()
+    shape = list(t.shape)
+    shape[dim] *= 2
+    big = torch.randn(shape, dtype=t.dtype, device=t.device) if t.is_floating_point() else torch.randint(
+        -5, 5, shape, dtype=t.dtype, device=t.device)
+    view = big.narrow(dim, 0, t.shape[dim] * 2)[(slice(None),) * dim + (slice(0, None, 2),)]
+    view.copy_(t)
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view

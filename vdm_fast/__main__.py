@@ -1,0 +1,3 @@
+from vdm_fast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""The one dispatch mechanism every op uses.
+
+Each op's public function (vdm_fast/ops/<op>.py) asks `select(SPEC, tensor)` which implementation to run:
+
+- "reference": the plain-PyTorch definition of correct (vdm_fast/reference/<op>.py), called directly so that autograd
+  and torch.compile see through it;
+- "triton": the op's Triton kernels (vdm_fast/kernels/<op>.py), on CUDA tensors, or on CPU tensors under
+  TRITON_INTERPRET=1 (how CI tests every kernel);
+- "ext": the compiled extension vdm_fast._C (csrc/), on the device of the tensors.
+
+The fast implementations run inside a `torch.library` custom op that takes the chosen implementation's name as an
+argument, so its backward uses the same implementation as its forward, whatever thread autograd runs it on.
+
+The mode comes from `with vdm_fast.backend(...)`, else the environment variable VDM_FAST_BACKEND, else "auto", and is
+read each time an op is called (under torch.compile: when the op is traced):
+
+- "auto": CUDA tensors take the fast path; CPU tensors take compiled CPU code where the op has it, else the reference.
+  Inputs the fast path does not take (fp64, say) take the reference.
+- "reference": the reference everywhere.
+- "triton": the fast path even for CPU tensors (Triton kernels through the interpreter; ops whose fast path is the
+  compiled extension use it). A forced backend that cannot run raises; it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("auto", "reference", "triton")
+_mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("vdm_fast_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run these inputs on this machine."""
+
+
+def _check_mode(mode: str, source: str) -> str:
+    mode = mode.strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"{source} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def current_mode() -> str:
+    """The backend mode in force now: the innermost `vdm_fast.backend(...)`, else VDM_FAST_BACKEND, else "auto"."""
+    override = _mode_override.get()
+    if override is not None:
+        return override
+    return _check_mode(os.environ.get("VDM_FAST_BACKEND", "auto") or "auto", "VDM_FAST_BACKEND")
+
+
+@contextlib.contextmanager
+def backend(mode: str) -> Iterator[None]:
+    """Force a backend for the ops called inside the block: "auto", "reference" or "triton"."""
+    token = _mode_override.set(_check_mode(mode, "backend"))
+    try:
+        yield
+    finally:
+        _mode_override.reset(token)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What fast code an op has. `ext_devices`: devices with compiled code in vdm_fast._C."""
+
+    name: str
+    triton: bool = False
+    ext_devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = field(default=(torch.float32, torch.float16, torch.bfloat16))
+
+
+@functools.cache
+def triton_available() -> str | None:
+    """None if Triton can run here, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return f"Triton is not installed ({e})"
+    return None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def ext_devices() -> tuple[str, ...]:
+    from vdm_fast import _ext
+
+    return _ext.devices()
+
+
+def _fast_impl(spec: OpSpec, device: torch.device) -> tuple[str | None, str]:
+    """The fast implementation for this device, or None with the reason there is none."""
+    if spec.triton:
+        reason = triton_available()
+        if reason:
+            return None, reason
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            return "triton", ""
+        if device.type == "cpu":
+            return None, "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+        return None, f"no Triton kernel for device {device.type!r}"
+    if device.type in spec.ext_devices:
+        if device.type in ext_devices():
+            return "ext", ""
+        from vdm_fast import _ext
+
+        return None, f"vdm_fast._C has no {device.type} code ({_ext.status()})"
+    return None, f"{spec.name} has no fast implementation for device {device.type!r}"
+
+
+# torch.compile resolves the dispatch once, when it traces the op, and bakes the answer into the graph.
+@torch.compiler.assume_constant_result
+def select(spec: OpSpec, device: torch.device, dtype: torch.dtype) -> str:
+    """Which implementation of `spec` runs for inputs on `device` of `dtype` in the current mode."""
+    mode = current_mode()
+    if mode == "reference":
+        return "reference"
+    impl, reason = _fast_impl(spec, device)
+    if mode == "triton":
+        if impl is None:
+            raise BackendUnavailable(f"VDM_FAST_BACKEND=triton: cannot run {spec.name}: {reason}")
+        if dtype not in spec.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in spec.dtypes)
+            raise TypeError(f"{spec.name}: the fast path takes {names}, got {dtype}")
+        return impl
+    # auto: the fast path where there is one for this device and dtype. On CPU only compiled code counts.
+    if impl is None or dtype not in spec.dtypes or (device.type == "cpu" and impl != "ext"):
+        return "reference"
+    return impl
+
+
+def check_impl(spec: OpSpec, impl: str) -> None:
+    """Inside an op's custom op: `impl` must name one of its fast implementations (the reference never runs there:
+    it is called directly, so that autograd and torch.compile see through it)."""
+    fast = (("triton",) if spec.triton else ()) + (("ext",) if spec.ext_devices else ())
+    if impl not in fast:
+        raise ValueError(f"vdm_fast::{spec.name}: impl must be one of {fast}, got {impl!r}")
+
+
+def describe(spec: OpSpec, device: str) -> str:
+    """For `vdm-fast info`: what `spec` runs for fp32 inputs on `device` in the current mode, or why it cannot."""
+    try:
+        return select(spec, torch.device(device), torch.float32)
+    except (BackendUnavailable, TypeError) as e:
+        return f"unavailable ({e})"

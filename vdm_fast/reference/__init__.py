@@ -1,0 +1,9 @@
+"""Plain-PyTorch reference implementations: the definition of correct for every op in vdm_fast.ops.
+
+They favour clarity over speed and run on any device and dtype (fp64 included); tests compare every fast path
+against them in fp64.
+"""
+
+from vdm_fast.reference.rel_pos_bias import rel_pos_bias, relative_position_bucket
+
+__all__ = ["relative_position_bucket", "rel_pos_bias"]
