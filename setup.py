@@ -142,8 +142,9 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["vdm_fast", "vdm_fast.*"]) + ["vdm_fast.kernels"],
-    package_dir={"vdm_fast.kernels": "kernels"},
+    packages=find_packages(include=["vdm_fast", "vdm_fast.*"]) + ["vdm_fast.kernels", "vdm_fast.benchmarks"],
+    # Top-level kernels/ and benchmarks/ install as subpackages (PyPI has an unrelated top-level `kernels`).
+    package_dir={"vdm_fast.kernels": "kernels", "vdm_fast.benchmarks": "benchmarks"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt},
     install_requires=[
