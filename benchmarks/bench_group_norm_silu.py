@@ -1,0 +1,107 @@
+"""group_norm_silu: the fused Triton kernels against eager PyTorch and torch.compile of the same, forward and backward.
+
+Eager: F.group_norm + FiLM + F.silu (per-frame statistics as the frames folded into the batch, which copies unless x is
+channels_last_3d). Bytes counted for the forward: x read once + y written once; for the backward: x and dy read once
++ dx written once (the floor; the parameter gradients are negligible).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vdm_fast import backend, ops
+
+from .common import GPU, NOT_RUN_GPU, check_close, copy_bandwidth_gbps, peak_memory_mb, row, time_ms
+
+# (shape, num_groups, per_frame, channels_last): the issue's U-Net video blocks (per frame) and an image block.
+SHAPES = [
+    ((2, 256, 16, 64, 64), 32, True, False),
+    ((2, 512, 16, 32, 32), 32, True, False),
+    ((8, 320, 64, 64), 32, False, False),
+    ((2, 256, 16, 64, 64), 32, True, True),
+    ((2, 256, 16, 64, 64), 32, False, False),
+]
+TOL = 2e-2  # bf16 outputs
+
+
+def eager(x, num_groups, weight, bias, scale, shift, per_frame):
+    """The unfused PyTorch the op replaces."""
+    B, C = x.shape[:2]
+    if per_frame and x.dim() == 5:
+        T = x.shape[2]
+        frames = x.transpose(1, 2).reshape(B * T, C, *x.shape[3:])
+        y = F.group_norm(frames, num_groups, weight, bias).reshape(B, T, C, *x.shape[3:]).transpose(1, 2)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias)
+    view = (B, C) + (1,) * (x.dim() - 2)
+    return F.silu(y * (1 + scale.view(view)) + shift.view(view))
+
+
+def _inputs(shape, channels_last, dtype, device):
+    B, C = shape[:2]
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    w = torch.randn(C, device=device, dtype=dtype)
+    b = torch.randn(C, device=device, dtype=dtype)
+    s = torch.randn(B, C, device=device, dtype=dtype) * 0.1
+    sh = torch.randn(B, C, device=device, dtype=dtype)
+    return [t.requires_grad_() for t in (x, w, b, s, sh)]
+
+
+def _bench(shape, num_groups, per_frame, channels_last, quick, copy_bw) -> list[dict]:
+    dtype = torch.bfloat16
+    x, w, b, s, sh = inputs = _inputs(shape, channels_last, dtype, "cuda")
+    fwd_bytes = 2 * x.numel() * x.element_size()
+    bwd_bytes = 3 * x.numel() * x.element_size()
+    label = f"{'cl' if channels_last else 'contig'}{', per_frame' if per_frame else ''}"
+
+    def ours(*t):
+        with backend("triton"):
+            return ops.group_norm_silu(t[0], num_groups, t[1], t[2], scale=t[3], shift=t[4], per_frame=per_frame)
+
+    def plain(*t):
+        return eager(*t[:1], num_groups, *t[1:], per_frame)
+
+    compiled = torch.compile(plain)
+    contenders = {"vdm_fast (triton)": ours, "eager": plain, "torch.compile": compiled}
+    y_ours = ours(*inputs)
+    dy = torch.randn_like(y_ours)
+    grads_ours = torch.autograd.grad(y_ours, inputs, dy)
+    times, rows = {}, []
+    for name, fn in contenders.items():
+        y = fn(*inputs)
+        check_close(f"{name} forward", y, y_ours, TOL)
+        for g, go in zip(torch.autograd.grad(y, inputs, dy, retain_graph=True), grads_ours):
+            check_close(f"{name} backward", g, go, TOL)
+        with torch.no_grad():
+            t_fwd = time_ms(lambda: fn(*inputs), quick=quick)
+        t_bwd = time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), quick=quick)
+        times[name] = (t_fwd, t_bwd)
+    t_ours = times["vdm_fast (triton)"]
+    for name, (t_fwd, t_bwd) in times.items():
+        for i, (direction, nbytes, t) in enumerate((("fwd", fwd_bytes, t_fwd), ("bwd", bwd_bytes, t_bwd))):
+            mine = name == "vdm_fast (triton)"
+            with torch.no_grad():
+                peak = peak_memory_mb(lambda: contenders[name](*inputs)) if direction == "fwd" else None
+            r = row(f"group_norm_silu {direction}", shape, dtype, name if mine else f"vdm_fast vs {name}",
+                    t_ours[i], baseline_ms=None if mine else t, bytes_moved=nbytes, peak_mb=peak, note=label)
+            if copy_bw and r["gbps"]:
+                r["pct_copy_bw"] = 100 * r["gbps"] / copy_bw
+            rows.append(r)
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    shapes = SHAPES[:3] if quick else SHAPES
+    if not GPU:
+        return [row(f"group_norm_silu {d}", s[0], torch.bfloat16, "vdm_fast (triton)", None, note=NOT_RUN_GPU)
+                for s in shapes for d in ("fwd", "bwd")]
+    copy_bw = copy_bandwidth_gbps(quick)
+    return [r for case in shapes for r in _bench(*case, quick, copy_bw)]
+
+
+if __name__ == "__main__":
+    for r in run(quick=True):
+        print(r)

@@ -1,0 +1,140 @@
+"""group_norm_silu: GroupNorm + FiLM + SiLU fused, the normalization of every residual block of the video U-Net.
+
+Reference: vdm_fast/reference/group_norm_silu.py. Fast code: kernels/group_norm_silu.py (Triton, forward and
+backward). Tests: tests/test_group_norm_silu.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vdm_fast import _checks, _dispatch
+from vdm_fast import reference as ref
+from vdm_fast.reference.group_norm_silu import memory_format
+
+SPEC = _dispatch.OpSpec("group_norm_silu", triton=True)
+ACTIVATIONS = ("silu", None)
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    per_frame: bool = False,
+) -> torch.Tensor:
+    """y = act(group_norm(x) * (1 + scale) + shift), the group norm including its (weight, bias) affine.
+
+    x: (B, C, L), (B, C, H, W) or (B, C, T, H, W); contiguous or channels_last(_3d) (other strides are copied);
+    fp32, fp16, bf16 (fp64 runs the reference). Statistics over each group of C / num_groups channels and all spatial
+    positions, as nn.GroupNorm, in fp32. per_frame=True on 5-D input: over each group of each frame (dims H, W),
+    as if the T frames were a batch of images; on 3-D and 4-D input the whole input is one frame (no effect).
+    weight, bias: optional (C,). scale, shift: optional (B, C) FiLM. activation: "silu" or None.
+    Returns y with x's shape, dtype and memory format. The backward gives every gradient and is deterministic.
+    """
+    _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame)
+    impl = _dispatch.select(SPEC, x.device, x.dtype)
+    if impl == "reference":
+        return ref.group_norm_silu(x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation,
+                                   per_frame=per_frame)
+    y, _, _ = torch.ops.vdm_fast.group_norm_silu(x, num_groups, weight, bias, float(eps), scale, shift,
+                                                 activation == "silu", bool(per_frame), impl)
+    return y
+
+
+def _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame) -> None:
+    _checks.tensor(x, "x", ndim=(3, 4, 5), floating=True)
+    B, C = x.shape[:2]
+    _checks.positive_int(num_groups, "num_groups")
+    if C % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the {C} channels of x (shape {tuple(x.shape)})")
+    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("scale", scale, (B, C)),
+                           ("shift", shift, (B, C))):
+        if t is not None:
+            _checks.tensor(t, name, floating=True)
+            _checks.shape(t, name, shape, "(C,) per channel" if len(shape) == 1 else "(B, C) per sample and channel")
+    _checks.same_device(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(per_frame, bool):
+        raise TypeError(f"per_frame must be a bool, got {type(per_frame).__name__}")
+
+
+def frames(x: torch.Tensor, per_frame: bool) -> int:
+    """How many frames get their own statistics: T with per_frame on 5-D input, else 1."""
+    return x.shape[2] if per_frame and x.dim() == 5 else 1
+
+
+def _stats_shape(x: torch.Tensor, num_groups: int, per_frame: bool) -> tuple[int, int, int]:
+    return (x.shape[0], num_groups, frames(x, per_frame))
+
+
+def _kernels():
+    # Imported here, not at module level: the kernel module reads TRITON_INTERPRET when it is first imported.
+    from vdm_fast.kernels import group_norm_silu as k
+
+    return k
+
+
+@torch.library.custom_op("vdm_fast::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool, per_frame: bool, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, mean, rstd): y in x's dtype and memory format, mean and rstd (B, G, F) fp32 for the backward."""
+    _dispatch.check_impl(SPEC, impl)
+    return _kernels().forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame)
+
+
+@_group_norm_silu_op.register_fake
+def _(x, num_groups, weight, bias, eps, scale, shift, silu, per_frame, impl):
+    stats = _stats_shape(x, num_groups, per_frame)
+    y = torch.empty_like(x, memory_format=memory_format(x))
+    return y, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+
+
+@torch.library.custom_op("vdm_fast::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+    weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
+    silu: bool, per_frame: bool, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dweight, dbias, dscale, dshift), each like its input; an absent input's gradient is empty (0,)."""
+    _dispatch.check_impl(SPEC, impl)
+    grads = _kernels().backward(dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, per_frame)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_group_norm_silu_backward_op.register_fake
+def _(dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, per_frame, impl):
+    dx = torch.empty_like(x, memory_format=memory_format(x))
+    return (dx,) + tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None
+                         else x.new_empty(0) for t in (weight, bias, scale, shift))
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, scale, shift, silu, per_frame, impl = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
+    ctx.args = (num_groups, silu, per_frame, impl)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+    num_groups, silu, per_frame, impl = ctx.args
+    dx, dw, db, ds, dsh = torch.ops.vdm_fast.group_norm_silu_backward(
+        dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, per_frame, impl)
+    present = (weight is not None, bias is not None, scale is not None, shift is not None)
+    dw, db, ds, dsh = (g if p else None for g, p in zip((dw, db, ds, dsh), present))
+    return dx, None, dw, db, None, ds, dsh, None, None, None
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
