@@ -1,0 +1,306 @@
+"""The Gaussian diffusion process: schedule, parametrizations, training loss (targets, the analytic minimum with an
+oracle denoiser, per-sample conditioning drop, keyword pass-through) and argument checks.
+
+GaussianOracle (also used by tests/test_samplers.py) is the exact denoiser for Gaussian data: for x ~ N(mu, Sigma)
+(Sigma over the flattened (T, H, W) dims, independent over batch and channels), E[x | z_t] and E[eps | z_t] are
+closed-form, so every expectation below has an analytic answer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vdm_fast.diffusion import (
+    CosineSchedule,
+    GaussianDiffusion,
+    alpha_sigma,
+    eps_from_prediction,
+    prediction_target,
+    x_from_prediction,
+)
+from vdm_fast.diffusion import samplers as S
+
+PREDS = ("eps", "v", "x")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and on a shared, loaded machine far faster (no spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class GaussianOracle:
+    """model(z, logsnr, cond=None, cond_mask=None, **kw) returning the exact eps / v / x prediction for data
+    x ~ N(mean (+ cond per sample where cond_mask allows), Sigma), Sigma = cov_fn(T, H, W) or std^2 I.
+    Computed in fp64 in the eigenbasis of Sigma (differentiable: reconstruction guidance goes through it)."""
+
+    def __init__(self, prediction: str = "eps", mean: float = 0.0, std: float = 1.0, cov_fn=None):
+        self.prediction, self.mean, self.std, self.cov_fn = prediction, mean, std, cov_fn
+        self._eig: dict = {}
+        self.calls: list[dict] = []
+        self.record = False
+
+    def eig(self, dims: tuple[int, ...]):
+        if dims not in self._eig:
+            D = math.prod(dims)
+            if self.cov_fn is None:
+                U, d = torch.eye(D, dtype=torch.float64), torch.full((D,), self.std**2, dtype=torch.float64)
+            else:
+                d, U = torch.linalg.eigh(self.cov_fn(*dims).double())
+            self._eig[dims] = (U, d)
+        return self._eig[dims]
+
+    def posterior(self, z, logsnr, cond=None, cond_mask=None):
+        B, C = z.shape[:2]
+        U, d = (t.to(z.device) for t in self.eig(tuple(z.shape[2:])))
+        lam = logsnr.double().view(B, 1, 1)
+        a2, s2 = torch.sigmoid(lam), torch.sigmoid(-lam)
+        a, s = a2.sqrt(), s2.sqrt()
+        mu = torch.tensor(self.mean, dtype=torch.float64, device=z.device)
+        if cond is not None:
+            shift = cond.double().reshape(B, 1, 1)
+            if cond_mask is not None:
+                shift = shift * cond_mask.view(B, 1, 1)
+            mu = mu + shift
+        y = (z.double().reshape(B, C, -1) - a * mu) @ U
+        den = a2 * d + s2
+        x_hat = mu + (a * d / den * y) @ U.T
+        eps = (s / den * y) @ U.T
+        return x_hat.reshape(z.shape), eps.reshape(z.shape), a.view(B, *[1] * (z.dim() - 1)), s.view(
+            B, *[1] * (z.dim() - 1))
+
+    def __call__(self, z, logsnr, cond=None, cond_mask=None, **kw):
+        if self.record:
+            self.calls.append(dict(z=z.detach().clone(), logsnr=logsnr.detach().clone(), cond=cond,
+                                   cond_mask=cond_mask, kw=kw))
+        x_hat, eps, a, s = self.posterior(z, logsnr, cond, cond_mask)
+        out = {"eps": eps, "x": x_hat, "v": a * eps - s * x_hat}[self.prediction]
+        return out.to(z.dtype)
+
+
+def posterior_var(prediction: str, logsnr: torch.Tensor, s2: float) -> torch.Tensor:
+    """Var(target | z_t) per element for x ~ N(mu, s2): the minimum of the loss at that noise level."""
+    a2, g2 = torch.sigmoid(logsnr.double()), torch.sigmoid(-logsnr.double())
+    den = a2 * s2 + g2
+    return {"eps": a2 * s2 / den, "v": s2 / den, "x": s2 * g2 / den}[prediction]
+
+
+# ---- schedule ---------------------------------------------------------------------------------------------------
+def test_cosine_schedule_endpoints_monotone_and_variance_preserving():
+    sch = CosineSchedule(-20.0, 20.0)
+    t = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    lam = sch.logsnr(t)
+    assert lam.dtype == torch.float64
+    assert abs(lam[0].item() - 20.0) < 1e-9 and abs(lam[-1].item() + 20.0) < 1e-9
+    assert (lam[1:] < lam[:-1]).all()
+    # the cosine schedule: alpha^2 = cos^2(a t + b) up to the clipping offsets, lambda = -2 log tan(a t + b)
+    ref = -2 * torch.log(torch.tan(sch.a * t + sch.b))
+    assert torch.allclose(lam, ref, rtol=0, atol=1e-12)
+    alpha, sigma = alpha_sigma(lam)
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(alpha), atol=1e-14)
+    assert torch.allclose(torch.log(alpha**2 / sigma**2), lam, atol=1e-8)
+    other = CosineSchedule(-5.0, 7.0)
+    assert abs(other.logsnr(torch.tensor([0.0]))[0].item() - 7.0) < 1e-5
+    assert abs(other.logsnr(torch.tensor([1.0]))[0].item() + 5.0) < 1e-5
+    assert sch.logsnr(torch.tensor([0.5])).dtype == torch.float32
+
+
+def test_schedule_bad_arguments():
+    with pytest.raises(ValueError, match="logsnr_min"):
+        CosineSchedule(5.0, -5.0)
+    with pytest.raises(TypeError, match="logsnr_max"):
+        CosineSchedule(-5.0, float("inf"))
+    with pytest.raises(ValueError, match="logsnr_min"):
+        GaussianDiffusion(GaussianOracle(), logsnr_min=3.0, logsnr_max=1.0)
+
+
+# ---- samplers' coefficient tables: consistency identities of the forward process ---------------------------------
+@pytest.mark.parametrize("steps", [1, 7, 256, 100_000])
+def test_ancestral_table_is_the_forward_posterior(steps):
+    """With the true x, z_t ~ q(z_t|x) and z_s drawn from the posterior (gamma = 0) must be ~ q(z_s|x):
+    c_z alpha_t + c_x = alpha_s and c_z^2 sigma_t^2 + var~ = sigma_s^2 (also exact for 100k tiny steps: expm1)."""
+    sch = CosineSchedule()
+    P = S.predictor_table(sch, steps, "ancestral", 0.0)
+    lam = sch.levels(steps)
+    a_s, s_s = alpha_sigma(lam[1:])
+    a_t, s_t = P[:, S.ALPHA], P[:, S.SIGMA]
+    assert torch.allclose(P[:, S.LOGSNR], lam[:-1])
+    assert torch.allclose(P[:, S.CZ] * a_t + P[:, S.CX], a_s, rtol=1e-10, atol=0)
+    assert torch.allclose(P[:, S.CZ] ** 2 * s_t**2 + P[:, S.CN] ** 2, s_s**2, rtol=1e-9, atol=0)
+    # the paper's formulas, term by term, where 1 - e^(.) does not cancel
+    if steps <= 256:
+        r = torch.exp(lam[:-1] - lam[1:])
+        assert torch.allclose(P[:, S.CZ], r * a_s / a_t, rtol=1e-9)
+        assert torch.allclose(P[:, S.CX], (1 - r) * a_s, rtol=1e-9)
+    # every step's noise is positive, and with gamma the variance interpolates (geometrically) to sigma^2_{t|s}
+    assert (P[:, S.CN] > 0).all()
+    P1 = S.predictor_table(sch, steps, "ancestral", 1.0)
+    one_minus_r = -torch.expm1(lam[:-1] - lam[1:])
+    assert torch.allclose(P1[:, S.CN] ** 2, one_minus_r * s_t**2, rtol=1e-9)
+    P3 = S.predictor_table(sch, steps, "ancestral", 0.3)
+    assert torch.allclose(P3[:, S.CN] ** 2, P[:, S.CN] ** (2 * 0.7) * P1[:, S.CN] ** (2 * 0.3), rtol=1e-9)
+
+
+def test_ddim_and_corrector_tables():
+    sch = CosineSchedule()
+    P = S.predictor_table(sch, 64, "ddim")
+    lam = sch.levels(64)
+    a_s, s_s = alpha_sigma(lam[1:])
+    # z_s = alpha_s x + sigma_s eps exactly when x_hat, eps_hat are the true x, eps of z_t
+    assert torch.allclose(P[:, S.CZ] * P[:, S.ALPHA] + P[:, S.CX], a_s, rtol=1e-12)
+    assert torch.allclose(P[:, S.CZ] * P[:, S.SIGMA], s_s, rtol=1e-12)
+    assert (P[:, S.CN] == 0).all()
+    C = S.corrector_table(sch, 64, 0.1)
+    assert torch.allclose(C[:, S.LOGSNR], lam[1:])
+    assert torch.allclose(C[:, S.CX], -0.05 * s_s) and torch.allclose(C[:, S.CN], math.sqrt(0.1) * s_s)
+
+
+# ---- parametrizations -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction", PREDS)
+def test_prediction_conversions_round_trip(prediction):
+    x, eps = torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(3, 2, 4, dtype=torch.float64)
+    lam = torch.tensor([-6.0, 0.3, 9.0], dtype=torch.float64)
+    alpha, sigma = alpha_sigma(lam)
+    a, s = alpha.view(3, 1, 1), sigma.view(3, 1, 1)
+    z = a * x + s * eps
+    target = prediction_target(x, eps, alpha, sigma, prediction)
+    expected = {"eps": eps, "v": a * eps - s * x, "x": x}[prediction]
+    assert torch.allclose(target, expected, atol=1e-12)
+    assert torch.allclose(x_from_prediction(z, target, alpha, sigma, prediction), x, atol=1e-9)
+    assert torch.allclose(eps_from_prediction(z, target, alpha, sigma, prediction), eps, atol=1e-9)
+    d = GaussianDiffusion(GaussianOracle(prediction), prediction=prediction)
+    assert torch.allclose(d.predict_x(z, target, lam), x, atol=1e-9)
+    assert torch.allclose(d.predict_eps(z, target, lam), eps, atol=1e-9)
+    assert torch.allclose(d.target(x, eps, lam), target)
+    assert torch.allclose(d.q_sample(x, lam, eps), z)
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------------
+class FixedModel:
+    """Returns a fixed tensor and records what it was called with."""
+
+    def __init__(self, out):
+        self.out, self.calls = out, []
+
+    def __call__(self, z, logsnr, cond=None, cond_mask=None, **kw):
+        self.calls.append(dict(z=z, logsnr=logsnr, cond=cond, cond_mask=cond_mask, kw=kw))
+        return self.out
+
+
+@pytest.mark.parametrize("prediction", PREDS)
+def test_loss_targets(prediction):
+    B = 5
+    x = torch.rand(B, 2, 3, 4, 4) * 2 - 1
+    eps = torch.randn_like(x)
+    t = torch.rand(B, dtype=torch.float64)
+    out = torch.randn_like(x)
+    model = FixedModel(out)
+    d = GaussianDiffusion(model, prediction=prediction)
+    loss = d.loss(x, t=t, noise=eps)
+    (call,) = model.calls
+    lam = -2 * torch.log(torch.tan(d.schedule.a * t + d.schedule.b))  # the cosine schedule, written out
+    a = torch.sigmoid(lam).sqrt().view(B, 1, 1, 1, 1)
+    s = torch.sigmoid(-lam).sqrt().view(B, 1, 1, 1, 1)
+    assert call["logsnr"].shape == (B,) and call["logsnr"].dtype == torch.float32
+    assert torch.allclose(call["logsnr"].double(), lam, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(call["z"].double(), a * x.double() + s * eps.double(), atol=1e-6)
+    target = {"eps": eps.double(), "v": a * eps.double() - s * x.double(), "x": x.double()}[prediction]
+    expected = ((out.double() - target) ** 2).mean()
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+    assert call["cond"] is None and call["cond_mask"] is None
+
+
+@pytest.mark.parametrize("prediction", PREDS)
+def test_oracle_reaches_the_analytic_minimum_loss(prediction):
+    """E[(target - E[target|z])^2] = Var(target | z): the oracle's loss equals it (fixed t and t ~ U[0, 1]),
+    and any other predictor (the oracle's output scaled) does worse."""
+    mu, sd = 0.2, 0.6
+    oracle = GaussianOracle(prediction, mean=mu, std=sd)
+    d = GaussianDiffusion(oracle, prediction=prediction)
+    x = mu + sd * torch.randn(4096, 1, 2, 2, 2)
+    for t0 in (0.1, 0.5, 0.9):
+        t = torch.full((x.shape[0],), t0, dtype=torch.float64)
+        loss = d.loss(x, t=t).item()
+        expect = posterior_var(prediction, d.schedule.logsnr(torch.tensor([t0], dtype=torch.float64)), sd**2).item()
+        assert abs(loss - expect) < 0.06 * expect, (t0, loss, expect)
+    # t ~ U[0, 1]: the time-average of Var(target | z_t), by quadrature
+    x = mu + sd * torch.randn(32768, 1, 1, 2, 2)
+    loss = d.loss(x).item()
+    tq = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000
+    expect = posterior_var(prediction, d.schedule.logsnr(tq), sd**2).mean().item()
+    assert abs(loss - expect) < 0.05 * expect, (loss, expect)
+
+    scaled = GaussianDiffusion(lambda z, lam, cond=None, cond_mask=None: 1.2 * oracle(z, lam), prediction=prediction)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert scaled.loss(x, generator=g1).item() > d.loss(x, generator=g2).item()
+
+
+def test_loss_per_sample_cond_drop_and_keyword_pass_through():
+    B = 4000
+    x = torch.rand(B, 1, 2, 2, 2) * 2 - 1
+    cond = torch.randn(B, 8)
+    model = FixedModel(torch.zeros_like(x))
+    d = GaussianDiffusion(model, cond_drop_prob=0.3)
+    pos = torch.arange(2)
+    d.loss(x, cond, num_video_frames=2, positions=pos)
+    call = model.calls[-1]
+    assert call["cond"] is cond
+    mask = call["cond_mask"]
+    assert mask.dtype == torch.bool and mask.shape == (B,)
+    assert abs((~mask).float().mean().item() - 0.3) < 0.04  # dropped per sample, not per batch
+    assert call["kw"] == {"num_video_frames": 2, "positions": pos}
+    d.loss(x, cond, cond_drop_prob=0.0)  # the loss keyword overrides the constructor's
+    assert model.calls[-1]["cond_mask"] is None
+    d.loss(x, cond, cond_drop_prob=0.9)
+    assert abs((~model.calls[-1]["cond_mask"]).float().mean().item() - 0.9) < 0.04
+    d.loss(x)  # no cond: nothing to drop
+    assert model.calls[-1]["cond"] is None and model.calls[-1]["cond_mask"] is None
+    # a caller's cond_mask is kept, and combined with the drop
+    given = torch.zeros(B, dtype=torch.bool)
+    d.loss(x, cond, cond_mask=given)
+    assert not model.calls[-1]["cond_mask"].any()
+
+
+def test_loss_reproducible_with_generator_and_differentiable():
+    net = torch.nn.Conv3d(2, 2, 1)
+    d = GaussianDiffusion(lambda z, lam, cond=None, cond_mask=None: net(z), prediction="v")
+    x = torch.rand(3, 2, 2, 3, 3) * 2 - 1
+    l1 = d.loss(x, generator=torch.Generator().manual_seed(7))
+    l2 = d.loss(x, generator=torch.Generator().manual_seed(7))
+    l3 = d.loss(x, generator=torch.Generator().manual_seed(8))
+    assert l1.item() == l2.item() and l1.item() != l3.item()
+    l1.backward()
+    assert net.weight.grad is not None and torch.isfinite(net.weight.grad).all()
+    assert d(x).ndim == 0  # forward is the loss
+
+
+def test_loss_and_constructor_bad_arguments():
+    x = torch.randn(2, 1, 2, 2, 2)
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(GaussianOracle(), prediction="score")
+    with pytest.raises(TypeError, match="prediction"):
+        GaussianDiffusion(GaussianOracle(), prediction=1)
+    with pytest.raises(TypeError, match="model"):
+        GaussianDiffusion("not a model")
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        GaussianDiffusion(GaussianOracle(), cond_drop_prob=1.5)
+    d = GaussianDiffusion(GaussianOracle())
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        d.loss(x, torch.randn(2, 3), cond_drop_prob=-0.1)
+    with pytest.raises(ValueError, match="cond"):
+        d.loss(x, torch.randn(3, 3))
+    with pytest.raises(ValueError, match="t must"):
+        d.loss(x, t=torch.rand(3))
+    with pytest.raises(ValueError, match="noise"):
+        d.loss(x, noise=torch.randn(2, 1, 2, 2))
+    with pytest.raises(TypeError, match="x must"):
+        d.loss(torch.ones(2, 3, dtype=torch.int64))
+    bad = GaussianDiffusion(lambda z, lam, cond=None, cond_mask=None: z[:, :, :1])
+    with pytest.raises(ValueError, match="model returned"):
+        bad.loss(x)

@@ -1,0 +1,440 @@
+"""The samplers against an oracle whose answer is known in closed form (tests/test_diffusion.py GaussianOracle):
+distribution of samples for every sampler and prediction type, classifier-free guidance (batched call, w = 0),
+reconstruction guidance vs replacement vs unconditional on data with correlated frames, super-resolution, extension,
+the fused update kernel (Triton interpreter) against its reference, reproducibility, argument checks, CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import GPU
+from test_diffusion import GaussianOracle
+
+import vdm_fast
+from vdm_fast.diffusion import CosineSchedule, GaussianDiffusion
+from vdm_fast.diffusion import samplers as S
+from vdm_fast.diffusion.guidance import downsample
+
+PREDS = ("eps", "v", "x")
+MU, SD = 0.3, 0.5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and on a shared, loaded machine far faster (no spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen(seed: int | None = None, device: str = "cpu") -> torch.Generator:
+    """A generator seeded as asked, or from the test's fresh global seed (conftest) when seed is None."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def analytic_moments(steps: int, sampler: str, gamma: float, corrector_steps: int = 0, delta: float = 0.1):
+    """Exact mean and std of the sampler's output for x ~ N(MU, SD^2) with an exact denoiser: every step is linear
+    in z plus Gaussian noise, so the mean and variance propagate in closed form through the coefficient tables."""
+    sch = CosineSchedule()
+    P = S.predictor_table(sch, steps, "ddim" if sampler == "ddim" else "ancestral", gamma)
+    C = S.corrector_table(sch, steps, delta)
+    s2 = SD**2
+    m, v = 0.0, 1.0
+    for i in range(steps):
+        _, a, s, cz, cx, cn = P[i, :6].tolist()
+        k = a * s2 / (a * a * s2 + s * s)  # x_hat = MU + k (z - a MU)
+        if i == steps - 1:
+            return MU + k * (m - a * MU), (k * k * v) ** 0.5
+        m, v = cz * m + cx * (MU + k * (m - a * MU)), (cz + cx * k) ** 2 * v + cn**2
+        for _ in range(corrector_steps):
+            _, a, s, cz, cx, cn = C[i, :6].tolist()
+            ke = s / (a * a * s2 + s * s)  # eps_hat = ke (z - a MU)
+            m, v = m + cx * ke * (m - a * MU), (1 + cx * ke) ** 2 * v + cn**2
+
+
+CASES = [("ancestral", dict(gamma=0.0)), ("ancestral", dict(gamma=0.3)), ("ancestral", dict(gamma=1.0)),
+         ("ddim", {}), ("pc", dict(gamma=0.3, corrector_steps=1))]
+
+
+@pytest.mark.parametrize("prediction", PREDS)
+@pytest.mark.parametrize("sampler,kw", CASES, ids=[f"{s}-{k}" for s, k in CASES])
+def test_samples_match_the_gaussian_data(prediction, sampler, kw):
+    """Samples of N(MU, SD^2) through the exact denoiser: mean and std within a few percent of the data's (128
+    steps), and within Monte Carlo error of the sampler's exact output distribution (propagated analytically)."""
+    steps = 128
+    d = GaussianDiffusion(GaussianOracle(prediction, mean=MU, std=SD), prediction=prediction)
+    x = d.sample((16384, 1, 1, 2, 2), steps=steps, sampler=sampler, clip=False, generator=_gen(), progress=False,
+                 **kw)
+    assert x.shape == (16384, 1, 1, 2, 2) and x.dtype == torch.float32
+    n = x.numel()
+    mean, std = x.double().mean().item(), x.double().std().item()
+    assert abs(mean - MU) < 0.04 * SD, mean
+    assert abs(std - SD) < 0.04 * SD, std
+    m_exact, s_exact = analytic_moments(steps, sampler, kw.get("gamma", 0.0), kw.get("corrector_steps", 0))
+    assert abs(mean - m_exact) < 5 * s_exact / n**0.5, (mean, m_exact)
+    assert abs(std - s_exact) < 5 * s_exact / (2 * n) ** 0.5, (std, s_exact)
+
+
+def test_sampler_error_shrinks_with_steps():
+    """The discretisation error of every sampler is O(1/steps): 4x the steps, well under half the std error."""
+    for sampler, kw in CASES:
+        errs = [abs(analytic_moments(n, sampler, kw.get("gamma", 0.0), kw.get("corrector_steps", 0))[1] - SD)
+                for n in (64, 256)]
+        assert errs[1] < 0.5 * errs[0] and errs[1] < 0.015 * SD, (sampler, kw, errs)
+
+
+def test_clip():
+    d = GaussianDiffusion(GaussianOracle("eps", mean=0.8, std=0.5))
+    free = d.sample((4096, 1, 1, 1, 1), steps=16, clip=False, generator=_gen(), progress=False)
+    clipped = d.sample((4096, 1, 1, 1, 1), steps=16, clip=True, generator=_gen(), progress=False)
+    assert free.max() > 1.2 and free.min() < -0.2
+    assert clipped.max() <= 1.0 and clipped.min() >= -1.0 and (clipped == 1.0).any()
+
+
+def test_single_step_and_reproducibility():
+    d = GaussianDiffusion(GaussianOracle("v", mean=0.1, std=0.3), prediction="v")
+    shape = (3, 2, 4, 3, 3)
+    one = d.sample(shape, steps=1, generator=_gen(), progress=False)
+    assert one.shape == shape and torch.isfinite(one).all()
+    kw = dict(steps=8, sampler="pc", corrector_steps=2, progress=False)
+    a = d.sample(shape, generator=_gen(5), **kw)
+    torch.manual_seed(1234)  # the global RNG must not matter: all noise comes from the generator
+    b = d.sample(shape, generator=_gen(5), **kw)
+    c = d.sample(shape, generator=_gen(6), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert d.last_sample_info["cuda_graph"] is False and d.last_sample_info["reason"]
+
+
+def test_progress_bar_silent_off_a_terminal(capsys):
+    d = GaussianDiffusion(GaussianOracle())
+    d.sample((2, 1, 1, 2, 2), steps=4, progress=True, generator=_gen())
+    assert capsys.readouterr().err == ""
+
+
+# ---- classifier-free guidance ----------------------------------------------------------------------------------
+def test_cfg_weight_zero_is_the_conditional_sampler():
+    oracle = GaussianOracle("eps", mean=0.0, std=0.5)
+    cond = torch.randn(64)
+    d = GaussianDiffusion(oracle)
+    seed = _seed()
+    guided = d.sample((64, 1, 1, 2, 2), steps=16, cond=cond, guidance_weight=0.0, generator=_gen(seed),
+                      progress=False)
+    cond_only = GaussianDiffusion(lambda z, lam, cond=None, cond_mask=None: oracle(z, lam, cond, None))
+    plain = cond_only.sample((64, 1, 1, 2, 2), steps=16, cond=cond, generator=_gen(seed), progress=False)
+    assert torch.equal(guided, plain)
+    uncond = d.sample((64, 1, 1, 2, 2), steps=16, generator=_gen(seed), progress=False)
+    assert not torch.allclose(guided, uncond)
+
+
+@pytest.mark.parametrize("prediction", PREDS)
+def test_cfg_is_one_batched_call_and_combines_the_branches(prediction):
+    B, w, steps = 6, 1.5, 8
+    oracle = GaussianOracle(prediction, mean=0.1, std=0.5)
+    oracle.record = True
+    cond = torch.randn(B)
+    d = GaussianDiffusion(oracle, prediction=prediction)
+    seed = _seed()
+    pos = torch.arange(2).expand(B, 2)  # per-sample frame positions are stacked with z
+    x = d.sample((B, 1, 2, 2, 2), steps=steps, cond=cond, guidance_weight=w, clip=False, generator=_gen(seed),
+                 progress=False, positions=pos)
+    assert len(oracle.calls) == steps  # ONE model call per step
+    assert all(torch.equal(c["kw"]["positions"], torch.cat([pos, pos])) for c in oracle.calls)
+    for call in oracle.calls:
+        z, lam, c, mask = call["z"], call["logsnr"], call["cond"], call["cond_mask"]
+        assert z.shape[0] == 2 * B and torch.equal(z[:B], z[B:])
+        assert lam.shape == (2 * B,) and torch.equal(lam[:B], lam[B:])
+        assert torch.equal(c, torch.cat([cond, cond]))
+        assert mask.dtype == torch.bool and mask[:B].all() and not mask[B:].any()
+
+    # the same sampler, guidance written out in two separate calls: (1 + w) pred(z, c) - w pred(z, None)
+    def manual(z, lam, cond=None, cond_mask=None):
+        return (1 + w) * oracle(z, lam, cond, None) - w * oracle(z, lam, None, None)
+
+    oracle.record = False
+    ref = GaussianDiffusion(manual, prediction=prediction).sample(
+        (B, 1, 2, 2, 2), steps=steps, cond=cond, clip=False, generator=_gen(seed), progress=False)
+    assert torch.allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_pushes_samples_past_the_conditional_mean():
+    d = GaussianDiffusion(GaussianOracle("v", mean=0.0, std=0.3), prediction="v")
+    cond = torch.full((2048,), 0.2)
+    seed = _seed()
+    means = [d.sample((2048, 1, 1, 1, 1), steps=32, cond=cond, guidance_weight=w, clip=False, generator=_gen(seed),
+                      progress=False).mean().item() for w in (0.0, 2.0)]
+    assert abs(means[0] - 0.2) < 0.03 and means[1] > 0.35, means
+
+
+# ---- conditioning on frames --------------------------------------------------------------------------------------
+SC, SN = 0.5, 0.1  # frames share a common component c ~ N(0, SC^2), plus independent N(0, SN^2) per frame
+
+
+def frames_cov(T, H, W):
+    ct = SC**2 * torch.ones(T, T, dtype=torch.float64) + SN**2 * torch.eye(T, dtype=torch.float64)
+    return torch.kron(ct, torch.eye(H * W, dtype=torch.float64))
+
+
+def _gaussian_video(B, T, H, W, cov_fn):
+    L = torch.linalg.cholesky(cov_fn(T, H, W))
+    return (torch.randn(B, T * H * W, dtype=torch.float64) @ L.T).reshape(B, 1, T, H, W).float()
+
+
+@pytest.mark.parametrize("prediction", ("eps", "v"))
+def test_reconstruction_guidance_beats_replacement_and_unconditional(prediction):
+    """Frames 0, 1 given, 2, 3 generated. The error of the generated frames about their exact conditional mean:
+    the exact conditional gives its trace (about SN^2); reconstruction guidance comes close; replacement is far
+    worse; unconditional sampling knows nothing of the given frames."""
+    B, T, H, W = 1024, 4, 2, 2
+    x = _gaussian_video(B, T, H, W, frames_cov)
+    a_mask = torch.tensor([True, True, False, False])
+    xa = x[:, :, :2]
+    Sig = frames_cov(T, H, W)
+    ia, ib = torch.arange(2 * H * W), torch.arange(2 * H * W, T * H * W)
+    K = Sig[ib][:, ia] @ torch.linalg.inv(Sig[ia][:, ia])
+    cmean = x.double().reshape(B, -1)[:, ia] @ K.T
+    exact = (Sig[ib][:, ib] - K @ Sig[ia][:, ib]).diagonal().mean().item()
+    d = GaussianDiffusion(GaussianOracle(prediction, cov_fn=frames_cov), prediction=prediction)
+    seed = _seed()
+
+    def err(**kw):
+        out = d.sample((B, 1, T, H, W), steps=64, clip=False, generator=_gen(seed), progress=False, **kw)
+        if "x_a" in kw:
+            assert torch.equal(out[:, :, :2], xa)  # the returned video holds the given frames
+        return ((out.double().reshape(B, -1)[:, ib] - cmean) ** 2).mean().item()
+
+    uncond = err()
+    replacement = err(x_a=xa, a_mask=a_mask, conditioning="replacement")
+    recon = err(x_a=xa, a_mask=a_mask)  # w_r = 1, the default
+    recon_full = err(x_a=x, a_mask=a_mask)  # a full video as x_a: only the marked frames are read
+    assert recon < 0.1 * uncond and recon < 0.6 * replacement, (recon, replacement, uncond)
+    assert 0.8 * exact < recon < 1.4 * exact, (recon, exact)
+    assert abs(recon_full - recon) < 1e-6
+    assert err(x_a=xa, a_mask=a_mask, w_r=4.0) < recon  # w_r > 1 sharpens (the paper's choice)
+
+
+def test_given_frames_in_any_position_and_with_pc_and_cfg():
+    B, T, H, W = 256, 5, 1, 2
+    x = _gaussian_video(B, T, H, W, frames_cov)
+    a_mask = torch.tensor([False, True, False, True, False])
+    d = GaussianDiffusion(GaussianOracle("x", cov_fn=frames_cov), prediction="x")
+    out = d.sample((B, 1, T, H, W), steps=32, sampler="pc", corrector_steps=1, x_a=x[:, :, a_mask], a_mask=a_mask,
+                   cond=torch.zeros(B), guidance_weight=0.5, clip=False, generator=_gen(), progress=False)
+    assert torch.equal(out[:, :, a_mask], x[:, :, a_mask])
+    common = x[:, :, a_mask].mean(2, keepdim=True)
+    err_b = ((out[:, :, ~a_mask] - common) ** 2).mean().item()
+    assert err_b < 0.1 * SC**2, err_b
+
+
+def smooth_cov(T, H, W):
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    p = torch.stack([yy.flatten(), xx.flatten()], 1).double()
+    k = 0.25 * torch.exp(-((p[:, None] - p[None]) ** 2).sum(-1) / 2.0**2) + 1e-3 * torch.eye(H * W)
+    return torch.kron(torch.eye(T, dtype=torch.float64), k)
+
+
+def test_super_resolution_guidance():
+    B, T, H, W = 256, 2, 8, 8
+    x = _gaussian_video(B, T, H, W, smooth_cov)
+    low = downsample(x, (4, 4))
+    d = GaussianDiffusion(GaussianOracle("eps", cov_fn=smooth_cov))
+    seed = _seed()
+
+    def err(**kw):
+        out = d.sample((B, 1, T, H, W), steps=48, clip=False, generator=_gen(seed), progress=False, **kw)
+        assert out.shape == x.shape
+        return ((downsample(out, (4, 4)) - low) ** 2).mean().item()
+
+    uncond, sr = err(), err(x_lowres=low, w_r=2.0)
+    assert sr < 0.1 * uncond, (sr, uncond)
+
+
+def test_extend_generates_consistent_frames_with_positions():
+    B, H, W = 256, 1, 2
+    oracle = GaussianOracle("v", cov_fn=frames_cov)
+    seen = []
+
+    def model(z, lam, cond=None, cond_mask=None, positions=None):
+        seen.append(positions.tolist())
+        return oracle(z, lam)
+
+    d = GaussianDiffusion(model, prediction="v")
+    video = _gaussian_video(B, 4, H, W, frames_cov)
+    out = d.extend(video, 11, window=8, overlap=4, steps=24, clip=False, generator=_gen(), progress=False)
+    assert out.shape == (B, 1, 11, H, W) and torch.equal(out[:, :, :4], video)
+    windows = sorted({tuple(p) for p in seen})
+    assert windows == [tuple(range(0, 8)), tuple(range(3, 11))], windows  # absolute frame indices
+    common = video.mean(2, keepdim=True)
+    err_ext = ((out[:, :, 4:] - common) ** 2).mean().item()
+    free = d.sample((B, 1, 7, H, W), steps=24, clip=False, generator=_gen(), progress=False,
+                    positions=torch.arange(7))
+    err_free = ((free - common) ** 2).mean().item()
+    assert err_ext < 0.1 * err_free, (err_ext, err_free)
+    with pytest.raises(ValueError, match="overlap"):
+        d.extend(video, 11, window=8, overlap=8)
+    with pytest.raises(ValueError, match="num_frames"):
+        d.extend(video, 4)
+    with pytest.raises(TypeError, match="a_mask"):
+        d.extend(video, 11, a_mask=torch.ones(8, dtype=torch.bool))
+
+
+def test_model_keywords_pass_through():
+    oracle = GaussianOracle()
+    oracle.record = True
+    d = GaussianDiffusion(oracle)
+    pos = torch.arange(3)
+    d.sample((2, 1, 3, 2, 2), steps=3, positions=pos, num_video_frames=3, progress=False)
+    assert all(c["kw"] == {"positions": pos, "num_video_frames": 3} for c in oracle.calls)
+    assert all(c["cond"] is None and c["cond_mask"] is None for c in oracle.calls)
+
+
+# ---- the fused update: Triton kernel (interpreter) against the PyTorch reference -----------------------------------
+@pytest.mark.parametrize("prediction", PREDS)
+def test_update_kernel_matches_reference(prediction):
+    sch = CosineSchedule()
+    P = S.predictor_table(sch, 16, "ancestral", 0.3).float()
+    Pd = S.predictor_table(sch, 16, "ddim").float()
+    C = S.corrector_table(sch, 16, 0.1).float()
+    n = 1000 + 37  # not a multiple of the block: the mask matters
+    for table, corrector, i in ((P, False, 0), (P, False, 9), (Pd, False, 5), (C, True, 3)):
+        for cfg in (False, True):
+            for clip in (False, True):
+                for noisy in (False, True):
+                    z = torch.randn(n)
+                    pred = torch.randn(n, dtype=torch.bfloat16 if cfg and noisy else torch.float32)
+                    pu = torch.randn(n) if cfg else None
+                    noise = torch.randn(n) if noisy else None
+                    outs = []
+                    for mode in ("reference", "triton"):
+                        zz, e = z.clone(), torch.full((n,), float("nan"))
+                        with vdm_fast.backend(mode):
+                            S.update_(zz, pred, pu, table[i], noise, w=0.7, prediction=prediction,
+                                      corrector=corrector, clip=clip, out_e=e)
+                        outs.append((zz, e))
+                    (zr, er), (zk, ek) = outs
+                    assert torch.allclose(zk, zr, rtol=1e-5, atol=1e-5)
+                    assert torch.allclose(ek, er, rtol=1e-5, atol=1e-5)
+                    if clip and not corrector:
+                        assert er.abs().max() <= 1.0
+
+
+def test_whole_sampler_triton_equals_reference():
+    d = GaussianDiffusion(GaussianOracle("v", mean=0.2, std=0.4), prediction="v")
+    kw = dict(steps=6, sampler="pc", corrector_steps=1, cond=torch.randn(3), guidance_weight=1.0,
+              progress=False)
+    outs = []
+    for mode in ("reference", "triton"):
+        with vdm_fast.backend(mode):
+            outs.append(d.sample((3, 1, 2, 3, 5), generator=_gen(2), **kw))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+def test_bad_sample_arguments():
+    d = GaussianDiffusion(GaussianOracle())
+    shape = (2, 1, 4, 2, 2)
+    xa = torch.zeros(2, 1, 1, 2, 2)
+    m1 = torch.tensor([True, False, False, False])
+    cases = [
+        (ValueError, "steps", dict(steps=0)),
+        (TypeError, "steps", dict(steps=2.5)),
+        (ValueError, "sampler", dict(sampler="euler")),
+        (ValueError, "gamma", dict(gamma=1.5)),
+        (ValueError, "corrector_steps", dict(sampler="pc")),
+        (ValueError, "corrector_steps", dict(corrector_steps=2)),
+        (ValueError, "langevin_delta", dict(sampler="pc", corrector_steps=1, langevin_delta=0.0)),
+        (ValueError, "a_mask", dict(x_a=xa)),
+        (ValueError, "x_a", dict(a_mask=m1)),
+        (ValueError, "a_mask", dict(x_a=xa, a_mask=torch.tensor([True, False]))),
+        (TypeError, "a_mask", dict(x_a=xa, a_mask=torch.tensor([1, 0, 0, 0]))),
+        (ValueError, "a_mask", dict(x_a=xa, a_mask=torch.zeros(4, dtype=torch.bool))),
+        (ValueError, "a_mask", dict(x_a=torch.zeros(shape), a_mask=torch.ones(4, dtype=torch.bool))),
+        (ValueError, "x_a", dict(x_a=torch.zeros(2, 1, 2, 2, 2), a_mask=m1)),
+        (ValueError, "conditioning", dict(x_a=xa, a_mask=m1, conditioning="inpaint")),
+        (ValueError, "guidance_weight", dict(guidance_weight=2.0)),
+        (ValueError, "cond", dict(cond=torch.zeros(3))),
+        (TypeError, "cond", dict(cond=[0.0, 1.0])),
+        (ValueError, "x_lowres", dict(x_lowres=torch.zeros(2, 1, 4, 3, 3))),
+        (ValueError, "conditioning", dict(x_lowres=torch.zeros(2, 1, 4, 1, 1), conditioning="replacement")),
+        (TypeError, "generator", dict(generator=123)),
+        (TypeError, "clip", dict(clip=1)),
+        (ValueError, "w_r", dict(w_r=-1.0)),
+    ]
+    for exc, name, kw in cases:
+        with pytest.raises(exc, match=name):
+            d.sample(shape, progress=False, **kw)
+    with pytest.raises(ValueError, match="shape"):
+        d.sample((2, 0, 3), progress=False)
+    with pytest.raises(ValueError, match="x_a"):
+        d.sample((2, 4), x_a=xa, a_mask=m1, progress=False)
+    bad = GaussianDiffusion(lambda z, lam, cond=None, cond_mask=None: z[:1])
+    with pytest.raises(ValueError, match="model returned"):
+        bad.sample(shape, steps=2, progress=False)
+
+
+# ---- CUDA graphs (GPU only) ---------------------------------------------------------------------------------------
+class TinyNet(torch.nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(c, c, (1, 3, 3), padding=(0, 1, 1))
+        self.emb = torch.nn.Linear(1, c)
+
+    def forward(self, z, logsnr, cond=None, cond_mask=None, **kw):
+        h = self.emb(logsnr[:, None] / 20.0)[:, :, None, None, None]
+        if cond is not None:
+            keep = cond_mask if cond_mask is not None else torch.ones_like(cond, dtype=torch.bool)
+            h = h + torch.where(keep, cond, 0.0)[:, None, None, None, None]
+        return torch.tanh(self.conv(z) + h)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sampler,kw", [("ancestral", {}), ("ddim", {}), ("pc", dict(corrector_steps=2))])
+def test_cuda_graph_loop_equals_eager(sampler, kw):
+    net = TinyNet().cuda()
+    d = GaussianDiffusion(net, prediction="v")
+    shape = (2, 4, 3, 8, 8)
+    args = dict(steps=12, sampler=sampler, cond=torch.randn(2, device="cuda"), guidance_weight=1.0,
+                x_a=torch.rand(2, 4, 1, 8, 8, device="cuda"), a_mask=torch.tensor([True, False, False]),
+                conditioning="replacement", progress=False, **kw)
+    eager = d.sample(shape, cuda_graph=False, generator=_gen(3, "cuda"), **args)
+    assert d.last_sample_info["cuda_graph"] is False
+    graphed = d.sample(shape, generator=_gen(3, "cuda"), **args)
+    assert d.last_sample_info["cuda_graph"] is True, d.last_sample_info
+    assert torch.allclose(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_cuda_graph_falls_back_for_reconstruction_guidance():
+    d = GaussianDiffusion(TinyNet().cuda())
+    with pytest.warns(UserWarning, match="autograd"):
+        d.sample((1, 4, 3, 8, 8), steps=6, x_a=torch.rand(1, 4, 1, 8, 8, device="cuda"),
+                 a_mask=torch.tensor([True, False, False]), cuda_graph=True, progress=False)
+    assert d.last_sample_info["cuda_graph"] is False and "autograd" in d.last_sample_info["reason"]
+
+
+def test_with_the_project_unet():
+    """Integration: the loss trains and every conditioning path samples through vdm_fast's Unet3D."""
+    model_mod = pytest.importorskip("vdm_fast.model")
+    net = model_mod.Unet3D.preset("tiny", cond_dim=8, image_size=8, num_frames=3, attn_resolutions=(4,),
+                                  zero_init=False)
+    d = GaussianDiffusion(net, prediction="v", cond_drop_prob=0.2)
+    x = torch.rand(2, 3, 3, 8, 8) * 2 - 1
+    cond = torch.randn(2, 8)
+    loss = d.loss(x, cond, positions=torch.arange(3))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    net.eval()
+    a_mask = torch.tensor([True, False, False])
+    out = d.sample((2, 3, 3, 8, 8), steps=3, cond=cond, guidance_weight=1.0, x_a=x[:, :, :1], a_mask=a_mask,
+                   x_lowres=downsample(x, (4, 4)), sampler="pc", corrector_steps=1, progress=False)
+    assert out.shape == x.shape and torch.isfinite(out).all() and torch.equal(out[:, :, :1], x[:, :, :1])
+    longer = d.extend(x, 5, window=3, overlap=2, steps=2, progress=False)
+    assert longer.shape == (2, 3, 5, 8, 8)

@@ -1,0 +1,283 @@
+"""The sampling loop: eager, or each step captured once in a CUDA graph and replayed.
+
+Both loops run the same step body on the same buffers, so they draw the same noise in the same order:
+
+- The schedule is computed once (fp64, vdm_fast/diffusion/samplers.py) and copied to the device before the loop as
+  two (steps, 8) tables (predictor rows, corrector rows). The eager loop reads row i as a view (no copy, no sync);
+  the graph reads it with index_select on a device step counter that the graph itself increments.
+- The noise of step i is drawn by ONE `noise.normal_(generator=...)` into a (K, *shape) buffer before the step, K =
+  the draws a step needs: per model call, a replacement noise for z^a when frames are given; an ancestral noise
+  (ancestral, pc); a Langevin noise per corrector step. Outside the graph, so a user's generator drives both loops.
+- The update is one fused kernel on CUDA (kernels/diffusion_update.py) reading its coefficients from the row.
+- No .item(), no host sync, no host-to-device copy per step: the Python loop only queues work (and moves the
+  progress bar).
+
+What is captured (cuda_graph=True, the default on CUDA): model call(s) (with classifier-free guidance: one call of
+batch 2B), replacement of given frames, update, Langevin correctors. Steps 0 and 1 run eagerly first on a side
+stream (warm-up: lazy initialisation, Triton compilation, cuBLAS workspaces), then step 2 is captured and replayed for
+steps 2..N-2; the last step (no corrector, its x_hat is the output) runs eagerly. Falls back to the eager loop, with
+the reason in GaussianDiffusion.last_sample_info (and a warning when cuda_graph=True was asked for):
+- not a CUDA device;
+- reconstruction guidance or super-resolution (x_lowres): they differentiate through the model each step, and a
+  captured backward (make_graphed_callables-style) was not validated on a GPU in this project yet;
+- capture raised (a model with host syncs, data-dependent shapes, CPU tensors, ...): the remaining steps run eagerly.
+The graph assumes the model is a pure function of its inputs (no state changing from call to call).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from vdm_fast.diffusion import guidance, samplers
+from vdm_fast.diffusion.samplers import ALPHA, LOGSNR, SIGMA
+
+WARMUP_STEPS = 2
+
+
+@dataclass
+class Plan:
+    model: object
+    prediction: str
+    shape: tuple[int, ...]
+    device: torch.device
+    steps: int
+    sampler: str
+    corrector_steps: int
+    clip: bool
+    w: float
+    cond: torch.Tensor | None
+    cfg_mask: torch.Tensor | None
+    frames: guidance.Frames | None
+    lowres: torch.Tensor | None
+    w_r: float
+    pred_table: torch.Tensor
+    corr_table: torch.Tensor
+    generator: torch.Generator | None
+    progress: bool
+    cuda_graph: bool | None
+    model_kw: dict = field(default_factory=dict)
+
+    @property
+    def gradient_guidance(self) -> bool:
+        return self.lowres is not None or (self.frames is not None and self.frames.mode == "reconstruction")
+
+    @property
+    def draws_per_call(self) -> int:
+        return 1 if self.frames is not None else 0
+
+    @property
+    def noise_slots(self) -> int:
+        ancestral = 1 if self.sampler in ("ancestral", "pc") else 0
+        return self.draws_per_call + ancestral + self.corrector_steps * (self.draws_per_call + 1)
+
+
+def _number(v, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if v != v or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ValueError(f"{name} must be in {rng}, got {v}")
+    return v
+
+
+def make_plan(diffusion, shape, *, steps, sampler, gamma, corrector_steps, langevin_delta, cond, guidance_weight,
+              x_a, a_mask, x_lowres, conditioning, w_r, clip, generator, progress, cuda_graph, device,
+              model_kw) -> Plan:
+    """Validate sample()'s arguments (ValueError / TypeError naming the argument) and build the device tables."""
+    from vdm_fast import _checks
+
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or not shape or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty tuple of positive ints (B, C, T, H, W), got {shape!r}")
+    shape = tuple(shape)
+    _checks.positive_int(steps, "steps")
+    sampler = samplers.check_sampler(sampler)
+    gamma = _number(gamma, "gamma", 0.0, 1.0)
+    _checks.positive_int(corrector_steps, "corrector_steps", minimum=0)
+    if sampler == "pc" and corrector_steps < 1:
+        raise ValueError("corrector_steps must be >= 1 with sampler='pc' (its Langevin steps per step)")
+    if sampler != "pc" and corrector_steps:
+        raise ValueError(f"corrector_steps must be 0 with sampler={sampler!r} (use sampler='pc')")
+    langevin_delta = _number(langevin_delta, "langevin_delta", 0.0, None, lo_open=True)
+    w = _number(guidance_weight, "guidance_weight")
+    w_r = _number(w_r, "w_r", 0.0)
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool or None, got {type(cuda_graph).__name__}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but samples are drawn on {device}")
+    conditioning = guidance.check_conditioning(conditioning)
+    B = shape[0]
+    cfg_mask = None
+    if cond is not None:
+        if not isinstance(cond, torch.Tensor):
+            raise TypeError(f"cond must be a torch.Tensor, got {type(cond).__name__}")
+        if cond.dim() == 0 or cond.shape[0] != B:
+            raise ValueError(f"cond must have batch size {B} (first dim), got shape {tuple(cond.shape)}")
+        cond = cond.to(device)
+        if w != 0.0:
+            cfg_mask = torch.arange(2 * B, device=device) < B
+    elif w != 0.0:
+        raise ValueError(f"guidance_weight={w} needs cond (classifier-free guidance mixes cond and no cond)")
+    frames = guidance.make_frames(x_a, a_mask, shape, conditioning, device)
+    lowres = guidance.check_lowres(x_lowres, shape, device)
+    if lowres is not None and conditioning == "replacement":
+        raise ValueError("conditioning='replacement' cannot condition on x_lowres: super-resolution works by "
+                         "reconstruction guidance (conditioning='reconstruction')")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    sched = diffusion.schedule
+    pred_table = samplers.predictor_table(sched, steps, "ddim" if sampler == "ddim" else "ancestral", gamma)
+    corr_table = samplers.corrector_table(sched, steps, langevin_delta)
+    return Plan(
+        model=diffusion.model, prediction=diffusion.prediction, shape=shape, device=device, steps=steps,
+        sampler=sampler, corrector_steps=corrector_steps, clip=clip, w=w, cond=cond, cfg_mask=cfg_mask,
+        frames=frames, lowres=lowres, w_r=w_r, pred_table=pred_table.to(device, torch.float32),
+        corr_table=corr_table.to(device, torch.float32), generator=generator, progress=progress,
+        cuda_graph=cuda_graph, model_kw=model_kw)
+
+
+class Stepper:
+    """The step body shared by the eager and the graph loop; it owns the buffers (z, noise, x_hat, eps)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        p = plan
+        self.z = torch.randn(p.shape, generator=p.generator, device=p.device, dtype=torch.float32)
+        self.noise = torch.empty((p.noise_slots, *p.shape), device=p.device, dtype=torch.float32)
+        self.x_hat = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
+        self.eps = torch.zeros(p.shape, device=p.device, dtype=torch.float32) if p.corrector_steps else None
+
+    def draw(self) -> None:
+        if self.noise.shape[0]:
+            self.noise.normal_(generator=self.plan.generator)
+
+    def step(self, row_p: torch.Tensor, row_c: torch.Tensor, final: bool) -> None:
+        p = self.plan
+        slot = self._call_and_update(row_p, False, 0, p.sampler != "ddim")
+        if not final:
+            for _ in range(p.corrector_steps):
+                slot = self._call_and_update(row_c, True, slot, True)
+
+    def _call_and_update(self, row: torch.Tensor, corrector: bool, slot: int, noisy: bool) -> int:
+        p, z = self.plan, self.z
+        alpha, sigma = row[ALPHA], row[SIGMA]
+        if p.frames is not None:
+            guidance.replace_frames_(z, p.frames, alpha, sigma, self.noise[slot])
+            slot += 1
+        logsnr = row[LOGSNR].expand(p.shape[0]).contiguous()
+        out_e = self.eps if corrector else self.x_hat
+        noise = None
+        if noisy:
+            noise, slot = self.noise[slot], slot + 1
+        if p.gradient_guidance:
+            x_t = guidance.guided_x(p.model, z, logsnr, alpha, sigma, prediction=p.prediction, cond=p.cond, w=p.w,
+                                    cfg_mask=p.cfg_mask, model_kw=p.model_kw, frames=p.frames, lowres=p.lowres,
+                                    w_r=p.w_r)
+            samplers.update_(z, x_t, None, row, noise, w=0.0, prediction="x", corrector=corrector, clip=p.clip,
+                             out_e=out_e)
+        else:
+            pred, pred_u = guidance.predict(p.model, z, logsnr, p.cond, p.w, p.cfg_mask, p.model_kw)
+            samplers.update_(z, pred, pred_u, row, noise, w=p.w, prediction=p.prediction, corrector=corrector,
+                             clip=p.clip, out_e=out_e)
+        return slot
+
+    def result(self) -> torch.Tensor:
+        out = self.x_hat.clone()
+        if self.plan.frames is not None:
+            out = torch.where(self.plan.frames.mask, self.plan.frames.x_full, out)
+        return out
+
+
+def _progress_bar(plan: Plan):
+    from tqdm import tqdm
+
+    show = plan.progress and sys.stderr.isatty()
+    return tqdm(total=plan.steps, disable=not show, desc="sampling", leave=False)
+
+
+def _graph_reason(plan: Plan) -> str:
+    """Why this plan runs eagerly ('' when the graph loop can run)."""
+    if plan.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (sampling on {plan.device.type})"
+    if plan.gradient_guidance:
+        return ("reconstruction guidance / super-resolution differentiate through the model every step "
+                "(autograd): run eagerly")
+    if plan.steps <= WARMUP_STEPS + 1:
+        return f"{plan.steps} steps: too few to capture (the first {WARMUP_STEPS} warm up, the last runs eagerly)"
+    return ""
+
+
+def run(plan: Plan) -> tuple[torch.Tensor, dict]:
+    """Run the sampler; returns (x, info) with info = {"cuda_graph": bool, "reason": str, "steps": int}."""
+    want = plan.device.type == "cuda" if plan.cuda_graph is None else plan.cuda_graph
+    reason = _graph_reason(plan) if want else "cuda_graph=False"
+    if want and reason and plan.cuda_graph:
+        warnings.warn(f"vdm_fast sample: cuda_graph=True falls back to the eager loop: {reason}", stacklevel=3)
+    with torch.no_grad():
+        stepper = Stepper(plan)
+        bar = _progress_bar(plan)
+        try:
+            if want and not reason:
+                captured, reason = _run_graph(stepper, plan, bar)
+                if not captured and plan.cuda_graph:
+                    warnings.warn(f"vdm_fast sample: CUDA graph capture failed, ran eagerly: {reason}", stacklevel=3)
+            else:
+                captured = False
+                _run_eager(stepper, plan, bar, 0)
+        finally:
+            bar.close()
+        out = stepper.result()
+    return out, {"cuda_graph": captured, "reason": reason, "steps": plan.steps}
+
+
+def _run_eager(stepper: Stepper, plan: Plan, bar, start: int) -> None:
+    n = plan.steps
+    for i in range(start, n):
+        stepper.draw()
+        stepper.step(plan.pred_table[i], plan.corr_table[i], final=i == n - 1)
+        bar.update(1)
+
+
+def _run_graph(stepper: Stepper, plan: Plan, bar) -> tuple[bool, str]:
+    n = plan.steps
+    side = torch.cuda.Stream(device=plan.device)
+    side.wait_stream(torch.cuda.current_stream(plan.device))
+    with torch.cuda.stream(side):
+        for i in range(WARMUP_STEPS):
+            stepper.draw()
+            stepper.step(plan.pred_table[i], plan.corr_table[i], final=False)
+            bar.update(1)
+    torch.cuda.current_stream(plan.device).wait_stream(side)
+    step_dev = torch.full((1,), WARMUP_STEPS, dtype=torch.int64, device=plan.device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            row_p = plan.pred_table.index_select(0, step_dev)[0]
+            row_c = plan.corr_table.index_select(0, step_dev)[0]
+            stepper.step(row_p, row_c, final=False)
+            step_dev.add_(1)
+    except Exception as e:  # capture can fail for models that sync or branch on data: finish eagerly
+        del graph
+        torch.cuda.synchronize(plan.device)
+        _run_eager(stepper, plan, bar, WARMUP_STEPS)
+        return False, f"capture failed ({type(e).__name__}: {str(e)[:300]})"
+    for _ in range(WARMUP_STEPS, n - 1):
+        stepper.draw()
+        graph.replay()
+        bar.update(1)
+    stepper.draw()
+    stepper.step(plan.pred_table[n - 1], plan.corr_table[n - 1], final=True)
+    bar.update(1)
+    return True, ""

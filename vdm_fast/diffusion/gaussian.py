@@ -1,0 +1,247 @@
+"""The Gaussian diffusion process of Video Diffusion Models: forward process, training loss, predictions, sampling.
+
+z_t = alpha_t x + sigma_t eps (variance preserving, continuous t in [0, 1], cosine log-SNR schedule). The network
+predicts eps, v = alpha eps - sigma x, or x; the conversions between them are below. Sampling (ancestral, DDIM,
+predictor-corrector, classifier-free and reconstruction guidance) runs in vdm_fast/diffusion/fast_loop.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vdm_fast.diffusion.schedule import CosineSchedule, alpha_sigma
+
+PREDICTIONS = ("eps", "v", "x")
+
+
+def check_prediction(prediction) -> str:
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a str, one of {PREDICTIONS}, got {type(prediction).__name__}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    return prediction
+
+
+def _bcast(c, like: torch.Tensor):
+    """A per-sample (B,) coefficient shaped to broadcast over like's trailing dims; scalars pass unchanged."""
+    if isinstance(c, torch.Tensor) and c.dim() == 1:
+        return c.view(-1, *([1] * (like.dim() - 1)))
+    return c
+
+
+def x_from_prediction(z: torch.Tensor, pred: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
+    """x_hat from the network's output: eps: (z - sigma eps)/alpha; v: alpha z - sigma v; x: itself.
+
+    alpha, sigma: scalars, 0-d tensors or (B,) tensors."""
+    a, s = _bcast(alpha, z), _bcast(sigma, z)
+    if prediction == "eps":
+        return (z - s * pred) / a
+    if prediction == "v":
+        return a * z - s * pred
+    return pred
+
+
+def eps_from_prediction(z: torch.Tensor, pred: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
+    """eps_hat from the network's output: eps: itself; v: alpha v + sigma z; x: (z - alpha x)/sigma."""
+    a, s = _bcast(alpha, z), _bcast(sigma, z)
+    if prediction == "eps":
+        return pred
+    if prediction == "v":
+        return a * pred + s * z
+    return (z - a * pred) / s
+
+
+def prediction_target(x: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
+    """What the network should output for z = alpha x + sigma eps: eps, v = alpha eps - sigma x, or x."""
+    a, s = _bcast(alpha, x), _bcast(sigma, x)
+    if prediction == "eps":
+        return eps
+    if prediction == "v":
+        return a * eps - s * x
+    return x
+
+
+def _model_device(model) -> torch.device | None:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+        for b in model.buffers():
+            return b.device
+    return None
+
+
+class GaussianDiffusion(torch.nn.Module):
+    """The continuous-time variance-preserving diffusion process around a denoising model.
+
+    model: any callable `model(z, logsnr, cond=None, cond_mask=None, **kw) -> prediction`, logsnr a (B,) tensor,
+    cond_mask a (B,) bool tensor, True where the sample uses its cond (False: the unconditional branch / dropped
+    conditioning; None: every sample conditional). prediction: "eps", "v" or "x", what the model outputs.
+    cond_drop_prob: default probability of dropping a sample's cond in `loss` (classifier-free guidance training).
+    """
+
+    def __init__(self, model: Callable, *, prediction: str = "eps", logsnr_min: float = -20.0,
+                 logsnr_max: float = 20.0, cond_drop_prob: float = 0.0):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        self.model = model
+        self.prediction = check_prediction(prediction)
+        self.schedule = CosineSchedule(logsnr_min, logsnr_max)
+        self.cond_drop_prob = _check_prob(cond_drop_prob, "cond_drop_prob")
+        # Filled by each sample() call: {"cuda_graph": bool, "reason": str, ...} (why the fast loop ran or not).
+        self.last_sample_info: dict = {}
+
+    # ---- the process --------------------------------------------------------------------------------------------
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda_t of the cosine schedule (fp64 inside, returned in t's floating dtype or fp32)."""
+        return self.schedule.logsnr(t)
+
+    @staticmethod
+    def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return alpha_sigma(logsnr)
+
+    @staticmethod
+    def _alpha_sigma(logsnr: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha, sigma in fp64 from logsnr, cast to like's dtype (fp64 data keeps fp64 coefficients)."""
+        alpha, sigma = alpha_sigma(logsnr.double())
+        return alpha.to(like.dtype), sigma.to(like.dtype)
+
+    def q_sample(self, x: torch.Tensor, logsnr: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """z = alpha x + sigma eps for a (B,) logsnr."""
+        alpha, sigma = self._alpha_sigma(logsnr, x)
+        return _bcast(alpha, x) * x + _bcast(sigma, x) * noise
+
+    def predict_x(self, z, pred, logsnr) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(logsnr, z)
+        return x_from_prediction(z, pred, alpha, sigma, self.prediction)
+
+    def predict_eps(self, z, pred, logsnr) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(logsnr, z)
+        return eps_from_prediction(z, pred, alpha, sigma, self.prediction)
+
+    def target(self, x, noise, logsnr) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(logsnr, x)
+        return prediction_target(x, noise, alpha, sigma, self.prediction)
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None, *, cond_drop_prob: float | None = None,
+             t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, **model_kw) -> torch.Tensor:
+        """Mean squared error in the prediction's own space, t ~ U[0, 1] per sample; x in [-1, 1].
+
+        cond_drop_prob (default: the constructor's) drops each sample's cond independently: the model gets
+        cond_mask (B,) bool, False for dropped samples (combined with a cond_mask passed here). t (B,) and noise
+        (x's shape) may be given to fix the draw; otherwise both come from `generator`. Other keywords
+        (num_video_frames, positions, ...) pass through to the model.
+        """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"x must have a batch dim and data dims, got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        p = self.cond_drop_prob if cond_drop_prob is None else _check_prob(cond_drop_prob, "cond_drop_prob")
+        if t is None:
+            t = torch.rand(B, device=x.device, generator=generator, dtype=torch.float64)
+        elif not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
+            raise ValueError(f"t must be a ({B},) tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        if noise is None:
+            noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        elif not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+            raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {getattr(noise, 'shape', None)}")
+        cond_mask = model_kw.pop("cond_mask", None)
+        if cond is not None:
+            _check_batch(cond, "cond", B)
+            if p > 0:
+                keep = torch.rand(B, device=x.device, generator=generator) >= p
+                cond_mask = keep if cond_mask is None else cond_mask & keep
+        elif cond_mask is not None:
+            raise ValueError("cond_mask was given without cond")
+        logsnr64 = self.schedule.logsnr(t.to(x.device), torch.float64)
+        alpha, sigma = alpha_sigma(logsnr64)
+        alpha, sigma = alpha.to(x.dtype), sigma.to(x.dtype)
+        z = _bcast(alpha, x) * x + _bcast(sigma, x) * noise
+        pred = self.model(z, logsnr64.to(x.dtype), cond=cond, cond_mask=cond_mask, **model_kw)
+        if pred.shape != x.shape:
+            raise ValueError(f"model returned shape {tuple(pred.shape)}, expected x's {tuple(x.shape)}")
+        target = prediction_target(x, noise, alpha, sigma, self.prediction)
+        return torch.mean((pred.float() - target.float()) ** 2)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        return self.loss(x, cond, **kw)
+
+    # ---- sampling -----------------------------------------------------------------------------------------------
+    def sample(self, shape, *, steps: int = 256, sampler: str = "ancestral", gamma: float = 0.3,
+               corrector_steps: int = 0, langevin_delta: float = 0.1, cond: torch.Tensor | None = None,
+               guidance_weight: float = 0.0, x_a: torch.Tensor | None = None, a_mask: torch.Tensor | None = None,
+               x_lowres: torch.Tensor | None = None, conditioning: str = "reconstruction", w_r: float = 1.0,
+               clip: bool = True, generator: torch.Generator | None = None, progress: bool = True,
+               cuda_graph: bool | None = None, device: torch.device | str | None = None,
+               **model_kw) -> torch.Tensor:
+        """Draw samples of `shape` (video: (B, C, T, H, W)); returns x in [-1, 1] (unclipped when clip=False).
+
+        sampler: "ancestral" (variance (sigma~^2_{s|t})^(1-gamma) (sigma^2_{t|s})^gamma), "ddim" (eta = 0) or "pc"
+        (ancestral + `corrector_steps` >= 1 Langevin steps of size `langevin_delta` after each step but the last).
+        cond + guidance_weight w: classifier-free guidance (1 + w) pred(z, cond) - w pred(z, None), both branches
+        in one model call of batch 2B. x_a + a_mask (bool (T,)): frames given (x_a (B, C, A, H, W) in a_mask's
+        order, or a full video of which the marked frames are read); conditioning "reconstruction" (the paper's
+        reconstruction guidance with weight w_r, plus replacement of z^a) or "replacement" (baseline). x_lowres
+        (B, C, T, h, w): spatial super-resolution by reconstruction guidance. The returned video holds x_a at the
+        marked frames. All noise comes from `generator`. cuda_graph (default: on for CUDA) captures each step in
+        a CUDA graph; see fast_loop.py for what falls back to eager and why (reported in self.last_sample_info).
+        Other keywords go to the model unchanged.
+        """
+        from vdm_fast.diffusion import fast_loop
+
+        dev = torch.device(device) if device is not None else _default_device(self.model, cond, x_a, x_lowres)
+        plan = fast_loop.make_plan(
+            self, shape, steps=steps, sampler=sampler, gamma=gamma, corrector_steps=corrector_steps,
+            langevin_delta=langevin_delta, cond=cond, guidance_weight=guidance_weight, x_a=x_a, a_mask=a_mask,
+            x_lowres=x_lowres, conditioning=conditioning, w_r=w_r, clip=clip, generator=generator,
+            progress=progress, cuda_graph=cuda_graph, device=dev, model_kw=model_kw)
+        out, info = fast_loop.run(plan)
+        self.last_sample_info = info
+        return out
+
+    def extend(self, video: torch.Tensor, num_frames: int, *, window: int = 16, overlap: int | None = None,
+               **sample_kw) -> torch.Tensor:
+        """Autoregressive extension: append `window - overlap` frames at a time (overlap default: window // 2), each
+        chunk sampled as a window of `window` frames whose first ones are the last frames so far (given by
+        reconstruction guidance unless sample_kw says conditioning="replacement"), until num_frames frames exist.
+
+        The model gets positions = the absolute frame indices of the window. Near the end, when fewer new frames
+        are needed, the window keeps its length and conditions on more frames. video: (B, C, T0, H, W) in [-1, 1].
+        """
+        from vdm_fast.diffusion import guidance
+
+        return guidance.extend(self, video, num_frames, window=window, overlap=overlap, **sample_kw)
+
+
+def _check_prob(p, name: str) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)
+
+
+def _check_batch(t, name: str, B: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 0 or t.shape[0] != B:
+        raise ValueError(f"{name} must have batch size {B} (first dim), got shape {tuple(t.shape)}")
+
+
+def _default_device(model, *tensors) -> torch.device:
+    """The model's device (first parameter or buffer), else that of the first tensor given, else the CPU."""
+    dev = _model_device(model)
+    if dev is not None:
+        return dev
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+__all__ = ["GaussianDiffusion", "PREDICTIONS", "x_from_prediction", "eps_from_prediction", "prediction_target"]
