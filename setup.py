@@ -133,7 +133,11 @@ ext = Pybind11Extension(
     extra_compile_args=["-O3"],
 )
 
-PEERS = ["diffusers>=0.30", "transformers>=4.40", "video-diffusion-pytorch>=0.7", "einops", "accelerate"]
+# Peer models for vdm_fast.patch tests and benchmarks, pinned to versions that install beside torch 2.13 (CPU).
+# video-diffusion-pytorch needs a torchvision that matches the installed torch, which PyPI lacks for the CPU build:
+# on a machine that has one, `pip install --no-deps video-diffusion-pytorch==0.6.3 einops-exts==0.0.4
+# rotary-embedding-torch==0.9.1` (its patch tests skip, naming the reason, where it cannot be imported).
+PEERS = ["diffusers==0.42.1", "transformers==5.24.0", "accelerate==1.15.0", "einops==0.8.2"]
 
 setup(
     name="vdm_fast",
@@ -155,8 +159,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff"],
-        "video": ["imageio>=2.30", "imageio-ffmpeg", "av"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "ruff", "imageio>=2.30", "imageio-ffmpeg", "av",
+                 "pillow", "matplotlib"],
+        "video": ["imageio>=2.30", "imageio-ffmpeg", "av", "pillow"],
         "plot": ["matplotlib"],
         "peers": PEERS,
     },

@@ -8,6 +8,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests' tensors are small and the interpreter is single-threaded: one intra-op thread per process avoids
+# OpenMP contention (tiny ops ran 25-700x slower with 2 threads on a busy 2-core machine), and pytest-xdist
+# (`pytest -n 2`) uses the cores instead.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
