@@ -37,7 +37,7 @@ def report() -> str:
         f"vdm_fast        {vdm_fast.__version__}",
         f"python          {platform.python_version()}",
         f"torch           {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"triton          {triton_version}" + ("  [interpreter: TRITON_INTERPRET=1]" if _dispatch.interpreting() else ""),
+        f"triton          {triton_version}" + ("  [TRITON_INTERPRET=1]" if _dispatch.interpreting() else ""),
         f"vdm_fast._C     {_ext.status()}",
         f"GPU             {gpu}",
         f"backend mode    {_dispatch.current_mode()}  (VDM_FAST_BACKEND or vdm_fast.backend(...))",

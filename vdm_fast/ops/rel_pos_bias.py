@@ -45,10 +45,12 @@ def _check(table, positions, max_distance, bidirectional) -> None:
     num_buckets = table.shape[0]
     max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
     if max_exact < 1:
-        raise ValueError(f"table has {num_buckets} buckets: too few for T5 bucketing (need >= {4 if bidirectional else 2})")
+        need = 4 if bidirectional else 2
+        raise ValueError(f"table has {num_buckets} buckets: too few for T5 bucketing (need >= {need})")
     if max_distance <= max_exact:
         raise ValueError(
-            f"max_distance must exceed the {max_exact} exact buckets that table's {num_buckets} rows give, got {max_distance}"
+            f"max_distance must exceed the {max_exact} exact buckets that table's {num_buckets} rows give, "
+            f"got {max_distance}"
         )
 
 

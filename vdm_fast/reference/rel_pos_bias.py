@@ -21,9 +21,8 @@ def relative_position_bucket(
     max_exact = num_buckets // 2
     is_small = relative_position < max_exact
     # Same float32 arithmetic as T5 (a float32 log divided by a Python double), so buckets match bit for bit.
-    if_large = max_exact + (
-        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).to(torch.long)
+    log_ratio = torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact)
+    if_large = max_exact + (log_ratio * (num_buckets - max_exact)).to(torch.long)
     if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
     return relative_buckets + torch.where(is_small, relative_position, if_large)
 
