@@ -35,3 +35,15 @@ def strided(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     view.copy_(t)
     assert not view.is_contiguous() or t.numel() <= 1
     return view
+
+
+def run_python(*args: str, timeout: float = 300, env: dict | None = None):
+    """Run `python *args` as a user would, from outside the source tree: with `-m` or `-c`, Python puts the working
+    directory first on sys.path, and in the repo root that would import the uninstalled source (no compiled _C, no
+    vdm_fast.kernels) instead of the installed package."""
+    import subprocess
+    import sys
+    import tempfile
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=tempfile.gettempdir())

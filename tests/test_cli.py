@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
+from helpers import run_python
 from vdm_fast.benchmarks import readme_table
 
 
-def _run(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "vdm_fast", *args], capture_output=True, text=True, timeout=300, **kw)
+def _run(*args):
+    return run_python("-m", "vdm_fast", *args)
 
 
 def test_info_lists_versions_extension_and_ops():

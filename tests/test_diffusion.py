@@ -26,15 +26,6 @@ from vdm_fast.diffusion import samplers as S
 PREDS = ("eps", "v", "x")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and on a shared, loaded machine far faster (no spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class GaussianOracle:
     """model(z, logsnr, cond=None, cond_mask=None, **kw) returning the exact eps / v / x prediction for data
     x ~ N(mean (+ cond per sample where cond_mask allows), Sigma), Sigma = cov_fn(T, H, W) or std^2 I.

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_python
 
 
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "vdm_fast.kernels._compile", "--json"], capture_output=True,
-                          text=True, env=env, timeout=1500)
+    proc = run_python("-m", "vdm_fast.kernels._compile", "--json", env=env, timeout=1500)
     assert proc.returncode in (0, 1), proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

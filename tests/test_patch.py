@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import copy
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import GPU, assert_close, rel_err
+from helpers import GPU, assert_close, rel_err, run_python
 from torch import nn
 
 import vdm_fast
@@ -172,7 +170,7 @@ def test_peers_are_optional():
         "assert all(sys.modules.get(k) is None for k in ('diffusers', 'video_diffusion_pytorch'))\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_python("-c", code, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 

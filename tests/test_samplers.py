@@ -19,15 +19,6 @@ PREDS = ("eps", "v", "x")
 MU, SD = 0.3, 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and on a shared, loaded machine far faster (no spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int | None = None, device: str = "cpu") -> torch.Generator:
     """A generator seeded as asked, or from the test's fresh global seed (conftest) when seed is None."""
     if seed is None:

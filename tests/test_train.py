@@ -25,16 +25,10 @@ TINY_ARGS = ["--preset", "tiny", "--set", "base_channels=16", "--set", "attn_hea
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend_one_thread():
-    # The Triton interpreter would make training crawl; and a 2-thread pool on 2 busy cores runs ~10x slower than one
-    # thread (its workers spin waiting for each other), so these small models train on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with vdm_fast.backend("reference"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+def _reference_backend():
+    # The Triton interpreter would make training crawl (the kernels have their own tests); conftest sets one thread.
+    with vdm_fast.backend("reference"):
+        yield
 
 
 def _params(module) -> dict[str, torch.Tensor]:

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, rel_err
 from torch import nn
 
 import vdm_fast
-from tests.helpers import assert_close, rel_err
 from vdm_fast.layers.spatial_attention import SpatialAttention
 from vdm_fast.model import PRESETS, Unet3D, Unet3DConfig
 from vdm_fast.model.blocks import AttentionBlock, ResBlock
@@ -21,16 +21,6 @@ from vdm_fast.model.embeddings import sinusoidal_embedding
 # kernel programs for the interpreter (each group of each frame is one program of the norm kernels).
 MICRO = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,), attn_head_dim=4,
              norm_groups=2, image_size=8, num_frames=3, emb_dim=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These shapes are far too small to gain from threads, and on a shared machine OpenMP's spinning threads make
-    them many times slower (25x measured with 2 threads on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(model: nn.Module) -> nn.Module:
