@@ -45,7 +45,7 @@ def _run(model: nn.Module, inputs: dict):
 def _compare(original, patched, inputs, tol=FP32):
     """Patched (Triton kernels) against the original, both fp32, with the original run in fp64 as the arbiter:
     the output within tol of the original's; each gradient within tol of the fp64 one, or no further from it than
-    10x the original fp32's own error (a gradient that is zero in exact arithmetic, as a conv bias feeding a
+    100x the original fp32's own error (a gradient that is zero in exact arithmetic, as a conv bias feeding a
     one-channel group norm, is rounding noise in both)."""
     want, want_grads = _run(original, inputs)
     exact, exact_grads = _run(copy.deepcopy(original).double(),
@@ -55,10 +55,17 @@ def _compare(original, patched, inputs, tol=FP32):
         got, got_grads = _run(patched, inputs)
     assert_close(got, want, tol, "output")
     assert set(got_grads) == set(want_grads) == set(exact_grads)
+    total_err = total_ref = 0.0
     for name, ref in exact_grads.items():
         err, own = (got_grads[name].double() - ref).norm(), (want_grads[name].double() - ref).norm()
-        bound = tol * ref.norm() + 10 * own
+        # 100x the original's own rounding error: one sample of it can be small by chance (ratios of 11-13 were
+        # seen on gradients that are ~0 in exact arithmetic), while a wrong formula is off by the gradient's scale.
+        bound = tol * ref.norm() + 100 * own
         assert err <= bound, f"gradient of {name}: error {err:.3e} > {bound:.3e} (original fp32's own: {own:.3e})"
+        total_err, total_ref = total_err + err.item() ** 2, total_ref + ref.norm().item() ** 2
+    # All gradients together, relative to their joint size: the per-tensor slack cannot hide a global error.
+    total_err, total_ref = total_err ** 0.5, total_ref ** 0.5
+    assert total_err <= tol * total_ref, f"all gradients: error {total_err:.3e} against a norm of {total_ref:.3e}"
     return want
 
 
