@@ -61,7 +61,29 @@ def contenders(q, k, v, bias) -> dict:
 
         return flex(q, k, v, score_mod=score_mod)
 
-    return {"vdm_fast": ours, "sdpa_path": sdpa_path, "flex_compiled": flex_compiled}
+    fns = {"vdm_fast": ours, "sdpa_path": sdpa_path, "flex_compiled": flex_compiled}
+    # The same path pinned to each SDPA backend that takes an additive bias, so a row says which one fails where.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION):
+        def pinned(q, k, v, bias, backend=backend):
+            with sdpa_kernel(backend):
+                return sdpa_path(q, k, v, bias)
+
+        fns[f"sdpa_path[{backend.name.lower()}]"] = pinned
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return fns
+
+    def xformers_path(q, k, v, bias):
+        # xformers wants (N, T, heads, d) and a bias of (N, heads, T, T) (broadcast by expand, no copy).
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        b = bias.to(q.dtype)[None].expand(q.shape[0], -1, -1, -1)
+        return xops.memory_efficient_attention(qt, kt, vt, attn_bias=b).transpose(1, 2)
+
+    fns["xformers"] = xformers_path
+    return fns
 
 
 def _bytes(q, backward: bool) -> int:
@@ -103,7 +125,7 @@ def _time(fn, args, backward: bool):
 
 
 def _row(shape, dtype, contender, ms=None, baseline_ms=None, gbps=None, pct=None, peak_mb=None, note=""):
-    speedup = (ms / baseline_ms) if ms and baseline_ms else None
+    speedup = (baseline_ms / ms) if ms and baseline_ms else None  # ms: ours, baseline_ms: the contender's
     return dict(op=OP, shape=shape, dtype=str(dtype).replace("torch.", ""), contender=contender, ms=ms,
                 baseline_ms=baseline_ms, speedup=speedup, gbps=gbps, pct_copy_bw=pct, peak_mb=peak_mb, note=note)
 
@@ -113,7 +135,7 @@ def run(quick: bool) -> list[dict]:
     shapes = SHAPES[:1] if quick else SHAPES
     if not torch.cuda.is_available():
         return [_row(s[0], dtype, c, note="not run: Triton kernels need a CUDA GPU")
-                for s in shapes for c in ("vdm_fast", "sdpa_path", "flex_compiled")]
+                for s in shapes for c in ("vdm_fast", "vdm_fast vs sdpa_path", "vdm_fast vs flex_compiled")]
     from vdm_fast.ops import temporal_attention
 
     rows = []
@@ -129,7 +151,7 @@ def run(quick: bool) -> list[dict]:
             gbps = nbytes / ours_ms / 1e6
             copy_gbps = nbytes / _copy_ms(nbytes, "cuda") / 1e6
             rows.append(_row(shape, dtype, "vdm_fast", ours_ms, None, gbps, 100 * gbps / copy_gbps, peak))
-            for name in ("sdpa_path", "flex_compiled"):
+            for name in [n for n in fns if n != "vdm_fast"]:
                 try:
                     with torch.no_grad():
                         err = ((fns[name](*args).float() - want.float()).norm() / want.float().norm()).item()
@@ -137,7 +159,8 @@ def run(quick: bool) -> list[dict]:
                         rows.append(_row(shape, dtype, name, note=f"disagrees with ours: rel err {err:.2e}"))
                         continue
                     ms, peak = _time(fns[name], args, backward)
-                    rows.append(_row(shape, dtype, name, ms, ours_ms, peak_mb=peak))
+                    rows.append(_row(shape, dtype, f"vdm_fast vs {name}", ours_ms, ms, peak_mb=peak,
+                                     note="peak_mb: theirs"))
                 except Exception as e:  # e.g. SDPA's grid limit at N * heads >= 65,536, out of memory
                     rows.append(_row(shape, dtype, name, note=f"failed: {type(e).__name__}: {str(e)[:160]}"))
                 torch.cuda.empty_cache()
