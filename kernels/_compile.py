@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -51,7 +52,10 @@ def compile_one(cfg: KernelConfig, arch: int) -> dict[str, Any]:
     sig = dict(cfg.signature)
     for k in cfg.constexprs:
         sig[k] = "constexpr"
-    src = ASTSource(fn=cfg.fn, signature=sig, constexprs=dict(cfg.constexprs))
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        src = ASTSource(fn=cfg.fn, signature=sig, constexprs=dict(cfg.constexprs))
+    else:  # triton 3.2 names the argument `constants`
+        src = ASTSource(fn=cfg.fn, signature=sig, constants=dict(cfg.constexprs))
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -206,3 +206,23 @@ def test_extension_reports_cuda_build():
     if not mod.with_cuda:
         pytest.skip("built without nvcc")
     assert "90" in mod.cuda_archs.split(";")
+
+
+def test_dispatch_respects_an_ops_minimum_triton(monkeypatch):
+    """An op whose kernels need a newer Triton runs the reference in auto mode and raises when forced."""
+    import triton
+
+    from vdm_fast import _dispatch
+
+    spec = _dispatch.OpSpec("needs_future_triton", triton=True, min_triton=(99, 0))
+    device = torch.device("cuda")  # dispatch reads only the device type: no GPU is touched
+    assert _dispatch.select(spec, device, torch.float32) == "reference"
+    with vdm_fast.backend("triton"), pytest.raises(_dispatch.BackendUnavailable, match="Triton >= 99.0"):
+        _dispatch.select(spec, device, torch.float32)
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    from vdm_fast.ops.temporal_attention import SPEC
+
+    with vdm_fast.backend("auto"):
+        assert _dispatch.describe(SPEC, "cuda").startswith("reference (its kernels need Triton >= 3.4")
+    with vdm_fast.backend("triton"):
+        assert "Triton >= 3.4" in _dispatch.describe(SPEC, "cuda")

@@ -73,6 +73,15 @@ class OpSpec:
     triton: bool = False
     ext_devices: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = field(default=(torch.float32, torch.float16, torch.bfloat16))
+    min_triton: tuple[int, int] = (3, 2)  # the oldest Triton whose GPU compiler builds the op's kernels
+
+    def __post_init__(self) -> None:
+        _SPECS[self.name] = self
+
+
+# OpSpecs by name: select() hands torch.compile only the name (a str), because torch 2.6's dynamo cannot take a
+# dataclass instance as an argument of an assume_constant_result function ("FrozenDataClassVariable is not a constant").
+_SPECS: dict[str, OpSpec] = {}
 
 
 @functools.cache
@@ -82,6 +91,15 @@ def triton_available() -> str | None:
         import triton  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the install
         return f"Triton is not installed ({e})"
+    return None
+
+
+def _triton_too_old(spec: OpSpec) -> str | None:
+    import triton
+
+    have = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    if have < spec.min_triton:
+        return f"its kernels need Triton >= {'.'.join(map(str, spec.min_triton))} (installed: {triton.__version__})"
     return None
 
 
@@ -98,7 +116,7 @@ def ext_devices() -> tuple[str, ...]:
 def _fast_impl(spec: OpSpec, device: torch.device) -> tuple[str | None, str]:
     """The fast implementation for this device, or None with the reason there is none."""
     if spec.triton:
-        reason = triton_available()
+        reason = triton_available() or _triton_too_old(spec)
         if reason:
             return None, reason
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
@@ -115,10 +133,15 @@ def _fast_impl(spec: OpSpec, device: torch.device) -> tuple[str | None, str]:
     return None, f"{spec.name} has no fast implementation for device {device.type!r}"
 
 
-# torch.compile resolves the dispatch once, when it traces the op, and bakes the answer into the graph.
-@torch.compiler.assume_constant_result
 def select(spec: OpSpec, device: torch.device, dtype: torch.dtype) -> str:
     """Which implementation of `spec` runs for inputs on `device` of `dtype` in the current mode."""
+    return _select(spec.name, device, dtype)
+
+
+# torch.compile resolves the dispatch once, when it traces the op, and bakes the answer into the graph.
+@torch.compiler.assume_constant_result
+def _select(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    spec = _SPECS[name]
     mode = current_mode()
     if mode == "reference":
         return "reference"
@@ -147,6 +170,8 @@ def check_impl(spec: OpSpec, impl: str) -> None:
 def describe(spec: OpSpec, device: str) -> str:
     """For `vdm-fast info`: what `spec` runs for fp32 inputs on `device` in the current mode, or why it cannot."""
     try:
-        return select(spec, torch.device(device), torch.float32)
+        impl = select(spec, torch.device(device), torch.float32)
     except (BackendUnavailable, TypeError) as e:
         return f"unavailable ({e})"
+    reason = _fast_impl(spec, torch.device(device))[1] if impl == "reference" and current_mode() == "auto" else ""
+    return f"reference ({reason})" if reason else impl

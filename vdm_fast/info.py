@@ -42,8 +42,10 @@ def report() -> str:
         f"GPU             {gpu}",
         f"backend mode    {_dispatch.current_mode()}  (VDM_FAST_BACKEND or vdm_fast.backend(...))",
         "",
-        f"{'op':<20}{'cpu tensors':<28}cuda tensors",
     ]
-    for name, spec in sorted(op_specs().items()):
-        lines.append(f"{name:<20}{_dispatch.describe(spec, 'cpu'):<28}{_dispatch.describe(spec, 'cuda')}")
+    rows = [(name, _dispatch.describe(spec, "cpu"), _dispatch.describe(spec, "cuda"))
+            for name, spec in sorted(op_specs().items())]
+    width = max([len("cpu tensors")] + [len(r[1]) for r in rows]) + 2
+    lines.append(f"{'op':<20}{'cpu tensors':<{width}}cuda tensors")
+    lines += [f"{name:<20}{cpu:<{width}}{cuda}" for name, cpu, cuda in rows]
     return "\n".join(lines)

@@ -15,7 +15,9 @@ from vdm_fast import _checks, _dispatch
 from vdm_fast.reference.temporal_attention import joint_video_image_mask as _ref_joint_mask
 from vdm_fast.reference.temporal_attention import temporal_attention as _reference
 
-SPEC = _dispatch.OpSpec("temporal_attention", triton=True)
+# Triton 3.2 and 3.3 abort compiling the batched 3-D dots for the GPU (seen 2026-11-25; 3.4, 3.5, 3.6, 3.9 build
+# them): on those versions "auto" runs the reference and "triton" raises, saying why.
+SPEC = _dispatch.OpSpec("temporal_attention", triton=True, min_triton=(3, 4))
 MAX_T = 128  # the whole T x T score tile of a sequence lives in one program's registers
 MAX_D = 128
 
