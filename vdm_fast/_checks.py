@@ -49,3 +49,12 @@ def positive_int(v, name: str, *, minimum: int = 1) -> int:
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     return v
+
+
+def one_of(value, name: str, choices):
+    """value must be one of choices (TypeError for a non-str where choices are strs, ValueError otherwise)."""
+    if value in choices and (value is None or isinstance(value, str)):
+        return value
+    if value is not None and not isinstance(value, str) and all(isinstance(c, str) for c in choices):
+        raise TypeError(f"{name} must be a str, one of {tuple(choices)}, got {type(value).__name__}")
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -11,17 +11,14 @@ from collections.abc import Callable
 
 import torch
 
+from vdm_fast import _checks
 from vdm_fast.diffusion.schedule import CosineSchedule, alpha_sigma
 
 PREDICTIONS = ("eps", "v", "x")
 
 
 def check_prediction(prediction) -> str:
-    if not isinstance(prediction, str):
-        raise TypeError(f"prediction must be a str, one of {PREDICTIONS}, got {type(prediction).__name__}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    return prediction
+    return _checks.one_of(prediction, "prediction", PREDICTIONS)
 
 
 def _bcast(c, like: torch.Tensor):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vdm_fast import _checks
 from vdm_fast.diffusion.gaussian import x_from_prediction
 
 CONDITIONINGS = ("reconstruction", "replacement")
@@ -34,9 +35,7 @@ class Frames:
 
 
 def check_conditioning(conditioning) -> str:
-    if not isinstance(conditioning, str) or conditioning not in CONDITIONINGS:
-        raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
-    return conditioning
+    return _checks.one_of(conditioning, "conditioning", CONDITIONINGS)
 
 
 def make_frames(x_a, a_mask, shape: tuple[int, ...], conditioning: str, device: torch.device) -> Frames | None:

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from vdm_fast import _dispatch
+from vdm_fast import _checks, _dispatch
 from vdm_fast.diffusion.gaussian import eps_from_prediction, x_from_prediction
 from vdm_fast.diffusion.schedule import CosineSchedule
 
@@ -36,11 +36,7 @@ SPEC = _dispatch.OpSpec("diffusion_update", triton=True, dtypes=(torch.float32,)
 
 
 def check_sampler(sampler) -> str:
-    if not isinstance(sampler, str):
-        raise TypeError(f"sampler must be a str, one of {SAMPLERS}, got {type(sampler).__name__}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    return sampler
+    return _checks.one_of(sampler, "sampler", SAMPLERS)
 
 
 def _logsig(x: torch.Tensor) -> torch.Tensor:

@@ -61,8 +61,7 @@ def _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame
     _checks.same_device(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _checks.one_of(activation, "activation", ACTIVATIONS)
     if not isinstance(per_frame, bool):
         raise TypeError(f"per_frame must be a bool, got {type(per_frame).__name__}")
 
