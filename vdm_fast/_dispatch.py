@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vdm_fast.kernels._common import interpreting
+
 MODES = ("auto", "reference", "triton")
 _mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("vdm_fast_backend", default=None)
 
@@ -101,10 +103,6 @@ def _triton_too_old(spec: OpSpec) -> str | None:
     if have < spec.min_triton:
         return f"its kernels need Triton >= {'.'.join(map(str, spec.min_triton))} (installed: {triton.__version__})"
     return None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def ext_devices() -> tuple[str, ...]:

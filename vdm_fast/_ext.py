@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from types import ModuleType
 
@@ -62,12 +61,3 @@ def stream_of(t) -> int:
     import torch
 
     return torch.cuda.current_stream(t.device).cuda_stream
-
-
-def device_guard(t):
-    """Makes t's GPU the current one for a launch (the extension launches on the current device)."""
-    if t.device.type != "cuda":
-        return contextlib.nullcontext()
-    import torch
-
-    return torch.cuda.device(t.device)

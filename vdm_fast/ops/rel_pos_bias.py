@@ -12,6 +12,7 @@ import torch
 
 from vdm_fast import _checks, _dispatch, _ext
 from vdm_fast import reference as ref
+from vdm_fast.kernels._common import device_guard
 
 SPEC = _dispatch.OpSpec("rel_pos_bias", ext_devices=("cpu", "cuda"))
 
@@ -94,7 +95,7 @@ def _rel_pos_bias_op(
     if out.numel() == 0:
         return out
     pos, args = _launch_args(positions, table.shape[0], table.shape[1], max_distance, bidirectional)
-    with _ext.device_guard(table):
+    with device_guard(table):
         _ext.module().rel_pos_bias_forward(
             device=table.device.type, table=table.data_ptr(), table_stride_k=table.stride(0),
             table_stride_h=table.stride(1), dtype=_ext.dtype_code(table.dtype), out=out.data_ptr(), **args,
@@ -118,7 +119,7 @@ def _rel_pos_bias_backward_op(
     if g4.numel() == 0:
         return grad_table.zero_().to(grad.dtype)
     pos, args = _launch_args(positions, num_buckets, heads, max_distance, bidirectional)
-    with _ext.device_guard(grad):
+    with device_guard(grad):
         _ext.module().rel_pos_bias_backward(
             device=grad.device.type, grad=g4.data_ptr(), grad_strides=list(g4.stride()),
             dtype=_ext.dtype_code(grad.dtype), grad_table=grad_table.data_ptr(), **args,
