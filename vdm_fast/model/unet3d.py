@@ -2,74 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from vdm_fast import _checks
 from vdm_fast.model.blocks import AttentionBlock, Conv1x3x3, Downsample, ResBlock, Upsample, frame_norm
+from vdm_fast.model.config import Unet3DConfig, preset_config
 from vdm_fast.model.embeddings import ConditioningEmbedding
-
-
-@dataclass
-class Unet3DConfig:
-    """Everything needed to rebuild a Unet3D: `Unet3D(**dataclasses.asdict(model.config))`.
-
-    image_size (the training resolution) only places the attention: at the levels whose spatial size is in
-    attn_resolutions. forward takes any size divisible by 2 ** (len(channel_mults) - 1).
-    """
-
-    in_channels: int = 3
-    out_channels: int | None = None  # None: in_channels
-    base_channels: int = 128
-    channel_mults: tuple[int, ...] = (1, 2, 4, 8)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (8, 16, 32)
-    attn_head_dim: int = 64
-    image_size: int = 64
-    num_frames: int = 16  # the training layout's frames (documentation and benchmarks; forward takes any T)
-    cond_dim: int | None = None  # width of the conditioning vector (e.g. a pooled text embedding); None: none
-    emb_dim: int | None = None  # conditioning MLP width; None: 4 * base_channels (1024 at base 256, as in the paper)
-    emb_layers: int = 2
-    norm_groups: int = 32
-    dropout: float = 0.0
-    mid_attention: bool = True
-    num_buckets: int = 32
-    max_distance: int = 32
-    zero_init: bool = True  # zero the last conv of each residual block and the output conv (DDPM practice)
-    channels_last: bool = True  # run in channels_last_3d memory (the output comes back in x's memory format)
-
-    def __post_init__(self):
-        self.channel_mults, self.attn_resolutions = tuple(self.channel_mults), tuple(self.attn_resolutions)
-        if self.out_channels is None:
-            self.out_channels = self.in_channels
-        if self.emb_dim is None:
-            self.emb_dim = 4 * self.base_channels
-        for name in ("in_channels", "out_channels", "base_channels", "num_res_blocks", "attn_head_dim", "image_size",
-                     "num_frames", "emb_dim", "emb_layers", "norm_groups"):
-            _checks.positive_int(getattr(self, name), name)
-        if not self.channel_mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
-                                         for m in self.channel_mults):
-            raise ValueError(f"channel_mults must be a non-empty sequence of positive ints, got {self.channel_mults}")
-        if self.cond_dim is not None:
-            _checks.positive_int(self.cond_dim, "cond_dim")
-        for m in self.channel_mults:
-            if (self.base_channels * m) % self.norm_groups:
-                raise ValueError(f"norm_groups ({self.norm_groups}) must divide every level's width "
-                                 f"(base_channels {self.base_channels} x mult {m})")
-        if self.image_size % self.downsample_factor:
-            raise ValueError(f"image_size ({self.image_size}) must be divisible by {self.downsample_factor} "
-                             f"(2 ** (levels - 1) for {len(self.channel_mults)} levels)")
-
-    def to_dict(self) -> dict:
-        """A plain dict (for checkpoints): Unet3D(**config.to_dict()) rebuilds the model."""
-        return dataclasses.asdict(self)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mults) - 1)
 
 
 class Unet3D(nn.Module):
@@ -135,9 +74,7 @@ class Unet3D(nn.Module):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> Unet3D:
-        """A model of the paper's appendix (see vdm_fast.model.presets), with any config field overridden."""
-        from vdm_fast.model.presets import preset_config
-
+        """A model of the paper's appendix (see vdm_fast.model.config.PRESETS), with any config field overridden."""
         return cls(preset_config(name, **overrides))
 
     @classmethod
