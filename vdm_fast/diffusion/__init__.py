@@ -1,9 +1,9 @@
 """The Gaussian diffusion process of Video Diffusion Models and its samplers (ancestral, DDIM, predictor-corrector),
 classifier-free guidance, reconstruction guidance for conditional generation and super-resolution."""
 
-from vdm_fast.diffusion.gaussian import (
+from vdm_fast.diffusion.gaussian import GaussianDiffusion
+from vdm_fast.diffusion.parameterization import (
     PREDICTIONS,
-    GaussianDiffusion,
     eps_from_prediction,
     prediction_target,
     x_from_prediction,

@@ -31,7 +31,9 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
+from vdm_fast import _checks
 from vdm_fast.diffusion import guidance, samplers
 from vdm_fast.diffusion.samplers import ALPHA, LOGSNR, SIGMA
 
@@ -89,8 +91,6 @@ def make_plan(diffusion, shape, *, steps, sampler, gamma, corrector_steps, lange
               x_a, a_mask, x_lowres, conditioning, w_r, clip, generator, progress, cuda_graph, device,
               model_kw) -> Plan:
     """Validate sample()'s arguments (ValueError / TypeError naming the argument) and build the device tables."""
-    from vdm_fast import _checks
-
     if isinstance(shape, torch.Size):
         shape = tuple(shape)
     if not isinstance(shape, (tuple, list)) or not shape or not all(
@@ -201,8 +201,6 @@ class Stepper:
 
 
 def _progress_bar(plan: Plan):
-    from tqdm import tqdm
-
     show = plan.progress and sys.stderr.isatty()
     return tqdm(total=plan.steps, disable=not show, desc="sampling", leave=False)
 

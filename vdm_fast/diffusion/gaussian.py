@@ -1,8 +1,8 @@
 """The Gaussian diffusion process of Video Diffusion Models: forward process, training loss, predictions, sampling.
 
 z_t = alpha_t x + sigma_t eps (variance preserving, continuous t in [0, 1], cosine log-SNR schedule). The network
-predicts eps, v = alpha eps - sigma x, or x; the conversions between them are below. Sampling (ancestral, DDIM,
-predictor-corrector, classifier-free and reconstruction guidance) runs in vdm_fast/diffusion/fast_loop.py.
+predicts eps, v = alpha eps - sigma x, or x (the conversions: parameterization.py). Sampling (the samplers'
+update rules: samplers.py; guidance: guidance.py) runs in fast_loop.py.
 """
 
 from __future__ import annotations
@@ -11,62 +11,16 @@ from collections.abc import Callable
 
 import torch
 
-from vdm_fast import _checks
+from vdm_fast.diffusion import fast_loop, guidance
+from vdm_fast.diffusion.parameterization import (
+    PREDICTIONS,
+    bcast,
+    check_prediction,
+    eps_from_prediction,
+    prediction_target,
+    x_from_prediction,
+)
 from vdm_fast.diffusion.schedule import CosineSchedule, alpha_sigma
-
-PREDICTIONS = ("eps", "v", "x")
-
-
-def check_prediction(prediction) -> str:
-    return _checks.one_of(prediction, "prediction", PREDICTIONS)
-
-
-def _bcast(c, like: torch.Tensor):
-    """A per-sample (B,) coefficient shaped to broadcast over like's trailing dims; scalars pass unchanged."""
-    if isinstance(c, torch.Tensor) and c.dim() == 1:
-        return c.view(-1, *([1] * (like.dim() - 1)))
-    return c
-
-
-def x_from_prediction(z: torch.Tensor, pred: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
-    """x_hat from the network's output: eps: (z - sigma eps)/alpha; v: alpha z - sigma v; x: itself.
-
-    alpha, sigma: scalars, 0-d tensors or (B,) tensors."""
-    a, s = _bcast(alpha, z), _bcast(sigma, z)
-    if prediction == "eps":
-        return (z - s * pred) / a
-    if prediction == "v":
-        return a * z - s * pred
-    return pred
-
-
-def eps_from_prediction(z: torch.Tensor, pred: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
-    """eps_hat from the network's output: eps: itself; v: alpha v + sigma z; x: (z - alpha x)/sigma."""
-    a, s = _bcast(alpha, z), _bcast(sigma, z)
-    if prediction == "eps":
-        return pred
-    if prediction == "v":
-        return a * pred + s * z
-    return (z - a * pred) / s
-
-
-def prediction_target(x: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
-    """What the network should output for z = alpha x + sigma eps: eps, v = alpha eps - sigma x, or x."""
-    a, s = _bcast(alpha, x), _bcast(sigma, x)
-    if prediction == "eps":
-        return eps
-    if prediction == "v":
-        return a * eps - s * x
-    return x
-
-
-def _model_device(model) -> torch.device | None:
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.device
-        for b in model.buffers():
-            return b.device
-    return None
 
 
 class GaussianDiffusion(torch.nn.Module):
@@ -108,7 +62,7 @@ class GaussianDiffusion(torch.nn.Module):
     def q_sample(self, x: torch.Tensor, logsnr: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z = alpha x + sigma eps for a (B,) logsnr."""
         alpha, sigma = self._alpha_sigma(logsnr, x)
-        return _bcast(alpha, x) * x + _bcast(sigma, x) * noise
+        return bcast(alpha, x) * x + bcast(sigma, x) * noise
 
     def predict_x(self, z, pred, logsnr) -> torch.Tensor:
         alpha, sigma = self._alpha_sigma(logsnr, z)
@@ -158,7 +112,7 @@ class GaussianDiffusion(torch.nn.Module):
         logsnr64 = self.schedule.logsnr(t.to(x.device), torch.float64)
         alpha, sigma = alpha_sigma(logsnr64)
         alpha, sigma = alpha.to(x.dtype), sigma.to(x.dtype)
-        z = _bcast(alpha, x) * x + _bcast(sigma, x) * noise
+        z = bcast(alpha, x) * x + bcast(sigma, x) * noise
         pred = self.model(z, logsnr64.to(x.dtype), cond=cond, cond_mask=cond_mask, **model_kw)
         if pred.shape != x.shape:
             raise ValueError(f"model returned shape {tuple(pred.shape)}, expected x's {tuple(x.shape)}")
@@ -189,9 +143,7 @@ class GaussianDiffusion(torch.nn.Module):
         a CUDA graph; see fast_loop.py for what falls back to eager and why (reported in self.last_sample_info).
         Other keywords go to the model unchanged.
         """
-        from vdm_fast.diffusion import fast_loop
-
-        dev = torch.device(device) if device is not None else _default_device(self.model, cond, x_a, x_lowres)
+        dev = torch.device(device) if device is not None else guidance.default_device(self.model, cond, x_a, x_lowres)
         plan = fast_loop.make_plan(
             self, shape, steps=steps, sampler=sampler, gamma=gamma, corrector_steps=corrector_steps,
             langevin_delta=langevin_delta, cond=cond, guidance_weight=guidance_weight, x_a=x_a, a_mask=a_mask,
@@ -210,8 +162,6 @@ class GaussianDiffusion(torch.nn.Module):
         The model gets positions = the absolute frame indices of the window. Near the end, when fewer new frames
         are needed, the window keeps its length and conditions on more frames. video: (B, C, T0, H, W) in [-1, 1].
         """
-        from vdm_fast.diffusion import guidance
-
         return guidance.extend(self, video, num_frames, window=window, overlap=overlap, **sample_kw)
 
 
@@ -228,17 +178,6 @@ def _check_batch(t, name: str, B: int) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() == 0 or t.shape[0] != B:
         raise ValueError(f"{name} must have batch size {B} (first dim), got shape {tuple(t.shape)}")
-
-
-def _default_device(model, *tensors) -> torch.device:
-    """The model's device (first parameter or buffer), else that of the first tensor given, else the CPU."""
-    dev = _model_device(model)
-    if dev is not None:
-        return dev
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return torch.device("cpu")
 
 
 __all__ = ["GaussianDiffusion", "PREDICTIONS", "x_from_prediction", "eps_from_prediction", "prediction_target"]

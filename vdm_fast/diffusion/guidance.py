@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vdm_fast import _checks
-from vdm_fast.diffusion.gaussian import x_from_prediction
+from vdm_fast.diffusion.parameterization import x_from_prediction
 
 CONDITIONINGS = ("reconstruction", "replacement")
 
@@ -149,11 +149,20 @@ def guided_x(model, z: torch.Tensor, logsnr: torch.Tensor, alpha: torch.Tensor, 
     return (x_hat - (0.5 * w_r) * alpha * grad).detach()
 
 
+def default_device(model, *tensors) -> torch.device:
+    """The model's device (first parameter or buffer), else that of the first tensor given, else the CPU."""
+    if isinstance(model, torch.nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            return t.device
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
 def extend(diffusion, video: torch.Tensor, num_frames: int, *, window: int = 16, overlap: int | None = None,
            **sample_kw) -> torch.Tensor:
     """See GaussianDiffusion.extend."""
-    from vdm_fast import _checks
-
     _checks.tensor(video, "video", ndim=5, floating=True)
     _checks.positive_int(window, "window", minimum=2)
     overlap = window // 2 if overlap is None else overlap
@@ -167,9 +176,7 @@ def extend(diffusion, video: torch.Tensor, num_frames: int, *, window: int = 16,
     for k in ("x_a", "a_mask", "positions", "x_lowres"):
         if k in sample_kw:
             raise TypeError(f"extend sets {k} itself: do not pass it")
-    from vdm_fast.diffusion.gaussian import _default_device
-
-    dev = torch.device(sample_kw["device"]) if sample_kw.get("device") is not None else _default_device(
+    dev = torch.device(sample_kw["device"]) if sample_kw.get("device") is not None else default_device(
         diffusion.model, sample_kw.get("cond"), video)
     out = video.float()
     while out.shape[2] < num_frames:

@@ -26,7 +26,7 @@ import math
 import torch
 
 from vdm_fast import _checks, _dispatch
-from vdm_fast.diffusion.gaussian import eps_from_prediction, x_from_prediction
+from vdm_fast.diffusion.parameterization import eps_from_prediction, x_from_prediction
 from vdm_fast.diffusion.schedule import CosineSchedule
 
 SAMPLERS = ("ancestral", "ddim", "pc")
