@@ -26,14 +26,13 @@ The graph assumes the model is a pure function of its inputs (no state changing 
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from vdm_fast import _checks
+from vdm_fast._progress import progress_bar
 from vdm_fast.diffusion import guidance, samplers
 from vdm_fast.diffusion.samplers import ALPHA, LOGSNR, SIGMA
 
@@ -201,8 +200,8 @@ class Stepper:
 
 
 def _progress_bar(plan: Plan):
-    show = plan.progress and sys.stderr.isatty()
-    return tqdm(total=plan.steps, disable=not show, desc="sampling", leave=False)
+    # A bar on a terminal, a plain line every few seconds in a batch job's log.
+    return progress_bar(plan.steps, "sampling", enabled=plan.progress)
 
 
 def _graph_reason(plan: Plan) -> str:
