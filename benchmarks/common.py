@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from vdm_fast.testing import rel_err
+
 GPU = torch.cuda.is_available()
 NOT_RUN_GPU = "not run: Triton kernels need a CUDA GPU"
 
@@ -45,11 +47,6 @@ def peak_memory_mb(fn: Callable[[], Any]) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:

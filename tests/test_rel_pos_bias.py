@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, GPU, TOL, assert_close, strided
+from helpers import DTYPES, GPU
+from op_contract import OpContract
 
 import vdm_fast
 from vdm_fast import _ext, ops
@@ -62,65 +65,63 @@ def _positions(batch, frames, device):
     return torch.randint(-50, 50, (batch, frames), device=device)
 
 
+# (B or None for (T,) positions, T, heads, num_buckets, max_distance) x bidirectional, invalid T5 setups filtered out.
+# The last case has many offsets per bucket: the backward's sums matter there (the determinism test uses it).
+CASES = [(*case, bi) for case in [(None, 1, 1, 32, 32), (None, 16, 8, 32, 32), (3, 7, 5, 32, 32), (2, 33, 4, 16, 20),
+                                  (1, 64, 3, 64, 128), (4, 5, 2, 8, 3), (2, 9, 2, 8, 5), (16, 48, 8, 32, 32)]
+         for bi in (True, False) if _valid(*case[3:], bi)]
+
+
+class TestRelPosBiasContract(OpContract):
+    differentiable = ("table",)
+    cases = [("B{}-T{}-h{}-nb{}-md{}-{}".format(*c[:5], "bi" if c[5] else "uni"), dict(zip(
+        ("batch", "frames", "heads", "num_buckets", "max_distance", "bidirectional"), c))) for c in CASES]
+    bad_inputs = [
+        (dict(table=torch.randn(32)), ValueError, "table"),
+        (dict(table=torch.randint(0, 3, (32, 4))), TypeError, "table"),
+        (dict(table=[[0.0] * 4] * 32), TypeError, "table"),
+        (dict(positions=torch.randn(5)), TypeError, "positions"),
+        (dict(positions=torch.zeros(2, 3, 4, dtype=torch.long)), ValueError, "positions"),
+        (dict(positions=[0, 1, 2]), TypeError, "positions"),
+        (dict(max_distance=4), ValueError, "max_distance"),
+        (dict(max_distance=0), ValueError, "max_distance"),
+        (dict(max_distance=2.5), TypeError, "max_distance"),
+        (dict(max_distance=True), TypeError, "max_distance"),
+        (dict(bidirectional=1), TypeError, "bidirectional"),
+        (dict(table=torch.randn(2, 4)), ValueError, "buckets"),
+    ]
+
+    def make_inputs(self, params, dtype, device):
+        table = torch.randn(params["num_buckets"], params["heads"], device=device, dtype=dtype)
+        return dict(table=table, positions=_positions(params["batch"], params["frames"], device),
+                    max_distance=params["max_distance"], bidirectional=params["bidirectional"])
+
+    def bad_base(self):
+        return dict(table=torch.randn(32, 4), positions=torch.arange(6), max_distance=32, bidirectional=True)
+
+    def reference(self, table, positions, max_distance, bidirectional):
+        return ref.rel_pos_bias(table, positions, max_distance=max_distance, bidirectional=bidirectional)
+
+    def fast(self, table, positions, max_distance, bidirectional):
+        return ops.rel_pos_bias(table, positions, max_distance=max_distance, bidirectional=bidirectional)
+
+    def opcheck_calls(self, inputs):
+        t, p, md, bi = inputs["table"], inputs["positions"], inputs["max_distance"], inputs["bidirectional"]
+        grad = torch.randn(ref.rel_pos_bias(t.detach(), p, max_distance=md, bidirectional=bi).shape, device=t.device)
+        return [(torch.ops.vdm_fast.rel_pos_bias.default, (t, p, md, bi, "ext")),
+                (torch.ops.vdm_fast.rel_pos_bias_backward.default, (grad, p, t.shape[0], md, bi, "ext"))]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,frames,heads,num_buckets,max_distance,bidirectional", [
-    (*case, bi) for case in [(None, 1, 1, 32, 32), (None, 16, 8, 32, 32), (3, 7, 5, 32, 32), (2, 33, 4, 16, 20),
-                             (1, 64, 3, 64, 128), (4, 5, 2, 8, 3), (2, 9, 2, 8, 5)]
-    for bi in (True, False) if _valid(*case[3:], bi)])
-def test_forward_backward_match_reference(device, dtype, batch, frames, heads, num_buckets, max_distance,
-                                          bidirectional):
-    table = torch.randn(num_buckets, heads, device=device, dtype=dtype)
-    pos = _positions(batch, frames, device)
-    with vdm_fast.backend("triton"):  # the fast path: the compiled extension for this op
-        out = ops.rel_pos_bias(table.requires_grad_(), pos, max_distance=max_distance, bidirectional=bidirectional)
-    want = ref.rel_pos_bias(table.detach().double().requires_grad_(), pos, max_distance=max_distance,
-                            bidirectional=bidirectional)
-    assert out.dtype == dtype and out.shape == want.shape
-    assert torch.equal(out.double(), want.detach()), "a gather must be exact"
-    grad = torch.randn_like(want)
-    out.backward(grad.to(dtype))
-    want.backward(grad)
-    assert table.grad.dtype == dtype
-    # The gradient of a bf16/fp16 output is itself rounded: the reference sums that rounded gradient in fp64.
-    assert_close(table.grad, _ref_grad(table, pos, grad.to(dtype), max_distance, bidirectional),
-                 max(TOL[dtype], 1e-6), "grad_table")
-
-
-def _ref_grad(table, pos, grad, max_distance, bidirectional):
-    t = table.detach().double().requires_grad_()
-    out = ref.rel_pos_bias(t, pos, max_distance=max_distance, bidirectional=bidirectional)
-    (g,) = torch.autograd.grad(out, t, grad.double())
-    return g
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_strided_inputs(device):
-    table = strided(torch.randn(32, 6, device=device), dim=0)
-    pos = strided(torch.randint(0, 40, (3, 12), device=device), dim=1)
-    grad = strided(torch.randn(3, 6, 12, 12, device=device), dim=2)
-    t = table.clone().requires_grad_()
-    with vdm_fast.backend("triton"):
-        out = ops.rel_pos_bias(table.requires_grad_(), pos)
-    out.backward(grad)
-    want = ref.rel_pos_bias(t, pos)
-    want.backward(grad)
-    assert torch.equal(out, want)
-    assert_close(table.grad, t.grad, 1e-6, "grad_table")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_is_deterministic(device):
-    table = torch.randn(32, 8, device=device, requires_grad=True)
-    pos = torch.randint(0, 500, (16, 48), device=device)
-    grad = torch.randn(16, 8, 48, 48, device=device)
-    grads = []
-    for _ in range(3):
-        table.grad = None
+def test_forward_is_an_exact_gather(device, dtype):
+    """Stronger than the contract's bound: the forward copies table entries, so it equals the reference bitwise."""
+    for batch, frames, heads, nb, md, bi in CASES:
+        table = torch.randn(nb, heads, device=device, dtype=dtype)
+        pos = _positions(batch, frames, device)
         with vdm_fast.backend("triton"):
-            ops.rel_pos_bias(table, pos).backward(grad)
-        grads.append(table.grad.clone())
-    assert all(torch.equal(grads[0], g) for g in grads[1:])
+            out = ops.rel_pos_bias(table, pos, max_distance=md, bidirectional=bi)
+        assert torch.equal(out, ref.rel_pos_bias(table, pos, max_distance=md, bidirectional=bi))
 
 
 def test_auto_uses_compiled_cpu_code_and_reference_mode_does_not():
@@ -135,56 +136,9 @@ def test_auto_uses_compiled_cpu_code_and_reference_mode_does_not():
         _dispatch.select(SPEC, torch.device("cpu"), torch.float64)
 
 
-def test_opcheck():
-    impl = "ext"
-    table = torch.randn(32, 4, device=DEVICE, requires_grad=True)
-    pos = torch.randint(0, 30, (2, 9), device=DEVICE)
-    torch.library.opcheck(torch.ops.vdm_fast.rel_pos_bias.default, (table, pos, 32, True, impl))
-    torch.library.opcheck(torch.ops.vdm_fast.rel_pos_bias.default, (table, pos[0], 16, False, impl))
-
-
-def test_torch_compile_fullgraph():
-    layer = RelativePositionBias(heads=4).to(DEVICE)
-    pos = torch.randint(0, 30, (2, 9), device=DEVICE)
-
-    def f(p):
-        return layer(p).square().sum()
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    with vdm_fast.backend("triton"):
-        got = compiled(pos)
-        got.backward()
-    assert torch.allclose(got, f(pos).detach())
-
-
-@pytest.mark.parametrize("bad,err,match", [
-    (dict(table=torch.randn(32)), ValueError, "table"),
-    (dict(table=torch.randint(0, 3, (32, 4))), TypeError, "table"),
-    (dict(positions=torch.randn(5)), TypeError, "positions"),
-    (dict(positions=torch.zeros(2, 3, 4, dtype=torch.long)), ValueError, "positions"),
-    (dict(max_distance=4), ValueError, "max_distance"),
-    (dict(max_distance=0), ValueError, "max_distance"),
-    (dict(max_distance=2.5), TypeError, "max_distance"),
-    (dict(table=torch.randn(2, 4)), ValueError, "buckets"),
-    (dict(positions=[0, 1, 2]), TypeError, "positions"),
-])
-def test_bad_input_raises(bad, err, match):
-    args = dict(table=torch.randn(32, 4), positions=torch.arange(6), max_distance=32)
-    args.update(bad)
-    with pytest.raises(err, match=match):
-        ops.rel_pos_bias(args["table"], args["positions"], max_distance=args["max_distance"])
-
-
 def test_custom_op_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl"):
         torch.ops.vdm_fast.rel_pos_bias(torch.randn(32, 4), torch.arange(3), 32, True, "reference")
-
-
-def test_device_mix_raises():
-    if not GPU:
-        pytest.skip("needs a CUDA GPU")
-    with pytest.raises(ValueError, match="positions"):
-        ops.rel_pos_bias(torch.randn(32, 4, device="cuda"), torch.arange(5))
 
 
 def test_layer_matches_video_diffusion_pytorch_layout():
@@ -201,11 +155,17 @@ def test_layer_matches_video_diffusion_pytorch_layout():
 
 
 def test_extension_reports_cuda_build():
-    """This machine has nvcc: the build must have compiled CUDA code (CI compiles every .cu file every run)."""
+    """Where nvcc is on this machine (and not forced off), the build must have compiled the CUDA code, for sm_80 and
+    sm_90 at least; a build without it must not claim CUDA."""
     mod = _ext.module()
-    if not mod.with_cuda:
-        pytest.skip("built without nvcc")
-    assert "90" in mod.cuda_archs.split(";")
+    nvcc_here = shutil.which("nvcc") or os.environ.get("CUDA_HOME")
+    forced_off = os.environ.get("VDM_FAST_BUILD_CUDA", "").strip().lower() in ("0", "false", "off", "no")
+    if nvcc_here and not forced_off:
+        assert mod.with_cuda, "nvcc is on this machine but vdm_fast._C was built without CUDA code"
+    if mod.with_cuda:
+        assert {"80", "90"} <= set(mod.cuda_archs.split(";")), mod.cuda_archs
+    else:
+        assert "cuda" not in _ext.devices()
 
 
 def test_dispatch_respects_an_ops_minimum_triton(monkeypatch):
