@@ -321,6 +321,14 @@ def test_errors_name_the_argument():
         model(torch.randn(2, 3, 3, 8, 7), logsnr)
     with pytest.raises(ValueError, match="in_channels"):
         model(torch.randn(2, 4, 3, 8, 8), logsnr)
+    with pytest.raises(ValueError, match=r"^x must have 3 channels .*got shape \(2, 4, 3, 8, 8\)"):
+        model(torch.randn(2, 4, 3, 8, 8), logsnr)
+    with pytest.raises(TypeError, match=r"^x has dtype torch.float64 but the model's parameters are torch.float32"):
+        model(x.double(), logsnr)
+    with pytest.raises(TypeError, match=r"^x has dtype torch.bfloat16"):  # outside autocast
+        model(x.bfloat16(), logsnr)
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        model(x.to(torch.uint8), logsnr)
     with pytest.raises(ValueError, match="logsnr"):
         model(x, torch.zeros(3))
     with pytest.raises(ValueError, match="cond_dim=None"):
@@ -343,6 +351,17 @@ def test_errors_name_the_argument():
         Unet3DConfig(**{**MICRO, "norm_groups": 3})
     with pytest.raises(ValueError, match="head dim"):
         Unet3D(**{**MICRO, "attn_head_dim": 3})
+
+
+def test_fp64_model_runs_the_reference_in_auto_mode():
+    model = micro(cond_dim=5).double()
+    x, logsnr, cond = inputs(model, dtype=torch.float64)
+    with vdm_fast.backend("reference"):
+        ref = model(x, logsnr, cond)
+    with vdm_fast.backend("auto"):
+        out = model(x, logsnr, cond)
+    assert out.dtype == torch.float64 and ref.abs().max() > 0
+    assert torch.equal(out, ref)
 
 
 # --- GPU: the benchmark's layout, vdm_fast ops vs the reference, bf16 autocast ------------------------------------

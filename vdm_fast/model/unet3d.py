@@ -1,23 +1,99 @@
-"""Unet3D: the paper's 3D U-Net (Ho et al. 2022, section 3), a 2D image U-Net factorized over space and time."""
+"""Unet3D: the paper's 3D U-Net (Ho et al. 2022, section 3, figure 1), a 2D image U-Net factorized over space and time.
+
+    h = conv_in(x)                                                          skips = [h]
+    down, per level (full resolution first): num_res_blocks x Block, each  skips += [h]; then downsample, skips += [h]
+    mid: ResBlock, spatial + temporal attention, ResBlock
+    up, per level (lowest resolution first): num_res_blocks + 1 x Block on cat([h, skips.pop()], channels); upsample
+    eps (or v) = conv_out(GN-SiLU(h))
+
+A Block is a residual block (FiLM from the embedded log-SNR and conditioning) followed, at the attention resolutions,
+by spatial attention within each frame and then temporal attention across frames (relative position bias, joint
+image-video mask). Every conv is 1x3x3 and every norm per frame: only the temporal attention mixes frames.
+
+Layout: activations run in channels_last_3d memory (NDHWC) when config.channels_last; the output comes back in x's
+memory format. Parameters are registered in forward order (down, mid, up; within a block residual then attention), the
+same order as every earlier layout, so optimizer states keyed by parameter index stay valid across layouts
+(vdm_fast.model.legacy converts the state-dict keys).
+
+Gradient checkpointing (config.gradient_checkpointing, enable_gradient_checkpointing()): each residual block and
+each attention block keeps only its inputs for backward and recomputes the rest, with the RNG state restored so that
+dropout draws the same mask; the kernels are deterministic, so loss and gradients are bitwise those without it.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vdm_fast import _checks
+from vdm_fast.model import legacy
 from vdm_fast.model.blocks import AttentionBlock, Conv1x3x3, Downsample, ResBlock, Upsample, frame_norm
 from vdm_fast.model.config import Unet3DConfig, preset_config
 from vdm_fast.model.embeddings import ConditioningEmbedding
+
+
+def _run(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
+    """module(*args, **kwargs), keeping only the inputs for backward when `recompute` (and autograd records)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+    return module(*args, **kwargs)
+
+
+class Block(nn.Module):
+    """The unit every level stacks: a residual block, then (at the attention resolutions) spatial-then-temporal
+    attention. forward(h, emb, positions=None, num_video_frames=None)."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None = None):
+        super().__init__()
+        self.res, self.attn = res, attn
+        self.gradient_checkpointing = False
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor | None = None,
+                num_video_frames: int | None = None) -> torch.Tensor:
+        h = _run(self.res, self.gradient_checkpointing, h, emb)
+        if self.attn is not None:
+            h = _run(self.attn, self.gradient_checkpointing, h, positions=positions,
+                     num_video_frames=num_video_frames)
+        return h
+
+
+class Level(nn.Module):
+    """One resolution of a path: `blocks` (num_res_blocks of them going down, one more going up, each taking a skip),
+    then `downsample` (down path, all but the lowest level) or `upsample` (up path, all but the top level); the
+    other is None."""
+
+    def __init__(self, blocks: list[Block], *, downsample: Downsample | None = None, upsample: Upsample | None = None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample, self.upsample = downsample, upsample
+
+
+class MidBlock(nn.Module):
+    """The bottom of the U: residual block, spatial + temporal attention (if config.mid_attention), residual block."""
+
+    def __init__(self, res1: ResBlock, attn: AttentionBlock | None, res2: ResBlock):
+        super().__init__()
+        self.res1, self.attn, self.res2 = res1, attn, res2
+        self.gradient_checkpointing = False
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor | None = None,
+                num_video_frames: int | None = None) -> torch.Tensor:
+        h = _run(self.res1, self.gradient_checkpointing, h, emb)
+        if self.attn is not None:
+            h = _run(self.attn, self.gradient_checkpointing, h, positions=positions,
+                     num_video_frames=num_video_frames)
+        return _run(self.res2, self.gradient_checkpointing, h, emb)
 
 
 class Unet3D(nn.Module):
     """eps- or v-prediction network: forward(x, logsnr, cond=None, *, cond_mask=None, positions=None,
     num_video_frames=None) -> (B, out_channels, T, H, W).
 
-    x: (B, in_channels, T, H, W) noisy video (for super-resolution, concatenated with the upsampled low-res video).
-    logsnr: (B,) noise level. cond: (B, cond_dim) conditioning vector or None (the learned null embedding for the whole
-    batch); cond_mask: (B,) bool, False = that sample gets the null embedding (classifier-free guidance, one call).
+    x: (B, in_channels, T, H, W) noisy video (for super-resolution, concatenated with the upsampled low-res video), in
+    the parameters' dtype (or any under autocast); fp64 runs the reference ops. logsnr: (B,) noise level.
+    cond: (B, cond_dim) conditioning vector or None (the learned null embedding for the whole batch);
+    cond_mask: (B,) bool, False = that sample gets the null embedding (classifier-free guidance, one call).
     positions: (T,) or (B, T) integer frame indices for the relative position bias (default 0..T-1).
     num_video_frames: k = frames 0..k-1 are one video and frames k..T-1 independent images (joint training).
     """
@@ -26,41 +102,43 @@ class Unet3D(nn.Module):
         super().__init__()
         if config is not None and kwargs:
             raise TypeError("pass either a Unet3DConfig or keyword arguments, not both")
+        if config is not None and not isinstance(config, Unet3DConfig):
+            raise TypeError(f"config must be a Unet3DConfig, got {type(config).__name__} (use Unet3D.from_config)")
         self.config = c = config if config is not None else Unet3DConfig(**kwargs)
-        widths = [c.base_channels * m for m in c.channel_mults]
+        widths, last = c.widths, len(c.widths) - 1
         attn = dict(dim_head=c.attn_head_dim, num_groups=c.norm_groups, num_buckets=c.num_buckets,
                     max_distance=c.max_distance)
         res = dict(emb_dim=c.emb_dim, num_groups=c.norm_groups, dropout=c.dropout)
 
+        def block(in_ch: int, width: int, level: int) -> Block:
+            attention = AttentionBlock(width, **attn) if c.attention_at(level) else None
+            return Block(ResBlock(in_ch, width, **res), attention)
+
         self.embedding = ConditioningEmbedding(c.base_channels, c.emb_dim, c.cond_dim, c.emb_layers)
         self.conv_in = Conv1x3x3(c.in_channels, c.base_channels)
 
-        # Down path: num_res_blocks blocks per level (attention after each at attention levels), then downsample.
-        # `skips` tracks the width of every activation the up path will concatenate back.
-        self.down, skips, ch, size = nn.ModuleList(), [c.base_channels], c.base_channels, c.image_size
+        # `skips`: the width of each activation the down path hands the up path, in the order forward pushes them.
+        self.down, skips, ch = nn.ModuleList(), [c.base_channels], c.base_channels
         for level, width in enumerate(widths):
+            blocks = []
             for _ in range(c.num_res_blocks):
-                self.down.append(_Stage(ResBlock(ch, width, **res), _attention(width, size, c, attn)))
+                blocks.append(block(ch, width, level))
                 ch = width
                 skips.append(ch)
-            if level < len(widths) - 1:
-                self.down.append(_Stage(down=Downsample(ch)))
+            self.down.append(Level(blocks, downsample=Downsample(ch) if level < last else None))
+            if level < last:
                 skips.append(ch)
-                size //= 2
 
-        self.mid = _Stage(ResBlock(ch, ch, **res), AttentionBlock(ch, **attn) if c.mid_attention else None,
-                          ResBlock(ch, ch, **res))
+        self.mid = MidBlock(ResBlock(ch, ch, **res), AttentionBlock(ch, **attn) if c.mid_attention else None,
+                            ResBlock(ch, ch, **res))
 
-        # Up path: num_res_blocks + 1 blocks per level, each taking one skip by concatenation, then upsample.
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):
-            width = widths[level]
-            for i in range(c.num_res_blocks + 1):
-                up = Upsample(width) if level > 0 and i == c.num_res_blocks else None
-                self.up.append(_Stage(ResBlock(ch + skips.pop(), width, **res), _attention(width, size, c, attn),
-                                      up=up))
-                ch = width
-            size *= 2
+            blocks = []
+            for _ in range(c.num_res_blocks + 1):
+                blocks.append(block(ch + skips.pop(), widths[level], level))
+                ch = widths[level]
+            self.up.append(Level(blocks, upsample=Upsample(ch) if level > 0 else None))
 
         self.norm_out = frame_norm(c.norm_groups, ch)
         self.conv_out = Conv1x3x3(ch, c.out_channels)
@@ -71,6 +149,62 @@ class Unet3D(nn.Module):
                     nn.init.zeros_(m.conv2.bias)
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
+        self._set_gradient_checkpointing(c.gradient_checkpointing)
+
+    def forward(self, x: torch.Tensor, logsnr: torch.Tensor, cond: torch.Tensor | None = None, *,
+                cond_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                num_video_frames: int | None = None) -> torch.Tensor:
+        self._check(x, logsnr, cond, cond_mask, positions, num_video_frames)
+        emb = self.embedding(logsnr, cond, cond_mask)
+        frames = dict(positions=positions, num_video_frames=num_video_frames)
+        layout = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else None
+        if self.config.channels_last:
+            # NDHWC: the layout the 1x3x3 convs are fastest in (cuDNN tensor cores, oneDNN), that the per-frame
+            # attention's (frames, positions, channels) view reads without a copy, and that the fused norm takes.
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for block in level.blocks:
+                h = block(h, emb, **frames)
+                skips.append(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
+                skips.append(h)
+        h = self.mid(h, emb, **frames)
+        for level in self.up:
+            for block in level.blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb, **frames)
+            if level.upsample is not None:
+                h = level.upsample(h)
+        out = self.conv_out(self.norm_out(h))
+        return out.contiguous(memory_format=layout or torch.contiguous_format)
+
+    # --- gradient checkpointing, as diffusers models expose it ---------------------------------------------------
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each residual and attention block in backward (sets config.gradient_checkpointing)."""
+        self._set_gradient_checkpointing(True)
+
+    def disable_gradient_checkpointing(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.config.gradient_checkpointing
+
+    def _set_gradient_checkpointing(self, enable: bool) -> None:
+        self.config.gradient_checkpointing = bool(enable)
+        for m in self.modules():
+            if isinstance(m, (Block, MidBlock)):
+                m.gradient_checkpointing = bool(enable)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the Level/MidBlock layout: rename their keys in place (this load's own copy).
+        for old, new in legacy.renames(list(state_dict), self.config, prefix).items():
+            state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> Unet3D:
@@ -85,34 +219,16 @@ class Unet3D(nn.Module):
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x: torch.Tensor, logsnr: torch.Tensor, cond: torch.Tensor | None = None, *,
-                cond_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                num_video_frames: int | None = None) -> torch.Tensor:
-        self._check(x, logsnr, cond, cond_mask, positions, num_video_frames)
-        emb = self.embedding(logsnr, cond, cond_mask)
-        frames = dict(positions=positions, num_video_frames=num_video_frames)
-        layout = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else None
-        if self.config.channels_last:
-            # NDHWC: the layout the 1x3x3 convs are fastest in (cuDNN tensor cores, oneDNN), that the per-frame
-            # attention's (frames, positions, channels) view reads without a copy, and that the fused norm takes.
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        h = self.conv_in(x)
-        hs = [h]
-        for stage in self.down:
-            h = stage(h, emb, **frames)
-            hs.append(h)
-        h = self.mid(h, emb, **frames)
-        for stage in self.up:
-            h = stage(torch.cat([h, hs.pop()], dim=1), emb, **frames)
-        out = self.conv_out(self.norm_out(h))
-        return out.contiguous(memory_format=layout or torch.contiguous_format)
-
     def _check(self, x, logsnr, cond, cond_mask, positions, num_video_frames) -> None:
         c = self.config
         _checks.tensor(x, "x", ndim=5, floating=True)
         B, C, T, H, W = x.shape
         if C != c.in_channels:
             raise ValueError(f"x must have {c.in_channels} channels (in_channels), got shape {tuple(x.shape)}")
+        weight = self.conv_in.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast x, convert the "
+                            f"model (model.to({x.dtype}); fp64 runs the reference ops) or run under torch.autocast")
         if H % c.downsample_factor or W % c.downsample_factor:
             raise ValueError(f"x's spatial size {H}x{W} must be divisible by {c.downsample_factor} "
                              f"({len(c.channel_mults)} levels halve it {len(c.channel_mults) - 1} times)")
@@ -136,26 +252,3 @@ class Unet3D(nn.Module):
             _checks.positive_int(num_video_frames, "num_video_frames", minimum=0)
             if num_video_frames > T:
                 raise ValueError(f"num_video_frames must be in [0, {T}] (the number of frames), got {num_video_frames}")
-
-
-class _Stage(nn.Module):
-    """One step of a path: residual block(s), optional attention, optional resampling, in that order."""
-
-    def __init__(self, res: ResBlock | None = None, attn: AttentionBlock | None = None, res2: ResBlock | None = None,
-                 *, down: Downsample | None = None, up: Upsample | None = None):
-        super().__init__()
-        self.res, self.attn, self.res2, self.resample = res, attn, res2, down if down is not None else up
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, **frames) -> torch.Tensor:
-        if self.res is not None:
-            h = self.res(h, emb)
-        if self.attn is not None:
-            h = self.attn(h, **frames)
-        if self.res2 is not None:
-            h = self.res2(h, emb)
-        return self.resample(h) if self.resample is not None else h
-
-
-def _attention(width: int, size: int, c: Unet3DConfig, attn: dict) -> AttentionBlock | None:
-    return AttentionBlock(width, **attn) if size in c.attn_resolutions else None
-
