@@ -24,6 +24,12 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vdm_fast import kernels as pkg
+
 
 @dataclass
 class KernelConfig:
@@ -39,16 +45,10 @@ class KernelConfig:
 
 
 def _cuobjdump() -> str:
-    import triton
-
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def compile_one(cfg: KernelConfig, arch: int) -> dict[str, Any]:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     sig = dict(cfg.signature)
     for k in cfg.constexprs:
         sig[k] = "constexpr"
@@ -77,8 +77,6 @@ def compile_one(cfg: KernelConfig, arch: int) -> dict[str, Any]:
 
 
 def all_configs(name_filter: str = "") -> list[KernelConfig]:
-    import vdm_fast.kernels as pkg
-
     configs: list[KernelConfig] = []
     for mod in pkgutil.iter_modules(pkg.__path__):
         if mod.name.startswith("_"):

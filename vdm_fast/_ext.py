@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+import torch
+
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str]:
     try:
+        # the compiled extension: may be missing or unloadable (a source tree, a broken build), said by status()
         from vdm_fast import _C
     except ImportError as e:
         return None, f"vdm_fast._C failed to import: {e}. Reinstall with `pip install .` to build it."
@@ -58,6 +61,4 @@ def stream_of(t) -> int:
     """The current CUDA stream handle for t's device (0 on CPU)."""
     if t.device.type != "cuda":
         return 0
-    import torch
-
     return torch.cuda.current_stream(t.device).cuda_stream

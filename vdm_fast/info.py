@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import platform
 
 import torch
 
 import vdm_fast
 from vdm_fast import _dispatch, _ext
+from vdm_fast import ops as ops_pkg
 
 
 def op_specs() -> dict[str, _dispatch.OpSpec]:
     """Every registered op's dispatch spec, by name."""
-    import importlib
-    import pkgutil
-
-    import vdm_fast.ops as ops_pkg
-
     specs = {}
     for mod in pkgutil.iter_modules(ops_pkg.__path__):
         spec = getattr(importlib.import_module(f"vdm_fast.ops.{mod.name}"), "SPEC", None)
@@ -27,7 +25,7 @@ def op_specs() -> dict[str, _dispatch.OpSpec]:
 
 def report() -> str:
     try:
-        import triton
+        import triton  # optional dependency: info must work on a machine without it
 
         triton_version = triton.__version__
     except ImportError:
