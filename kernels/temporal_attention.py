@@ -1,34 +1,45 @@
 """Fused temporal attention: softmax(q k^T * scale + bias, masked) v over T <= 128 frames, for N unbounded sequences.
 
-The work is memory-bound (T is tiny). A program owns BN sequences of one head (grid axis 0: sequence blocks, limit
-2^31 - 1; axis 1: heads) and reads q, k, v, out and the gradients through their strides (views straight out of a
-model's rearrange, no copy). Small tiles: BN = num_warps sequences, one a warp, the whole T x T score tile in
-registers as 3D tiles with a batched tl.dot. Larger tiles: one sequence, BM query rows x BK keys a block, online
-softmax over the key blocks. Softmax statistics in fp32, base 2.
+Math, per sequence n and head h (T frames, head dim D): S = Q K^T * scale + bias[h] (masked entries -inf),
+P = softmax(S) row-wise, O = P V; a row with nothing allowed gives O = 0. Softmax statistics in fp32, base 2 (scale
+and the bias pre-multiplied by log2 e); the forward saves lse = log2-sum-exp per row for the backward, which
+recomputes P and forms dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ = dS K scale, dK = dS^T Q scale,
+dbias = sum over the sequences of dS.
 
-Backward recomputes P from q, k and the forward's per-row log-sum-exp. Each program writes the bias gradient summed
-over its sequences to its own partial slot (programs never straddle two samples of a per-sample bias); the launcher
-sums the slots in a fixed order: no atomics, bitwise reproducible. Design and history: kernels/notes/temporal_attention.md.
+Layout. A sequence is addressed as (sample b, position s), n = b * S + s, with a stride for each, so both layouts the
+op takes are read in place, q, k, v, dO through their own strides:
+- 4-D views (N, heads, T, d), any strides: B is the per-sample bias / mask batch (or 1), S = N / B, b-stride
+  S * n-stride (valid for any view: n has one stride);
+- packed (PACKED=True): the projection qkv (B, T, S, 3 * heads * d) of a channels_last_3d activation (S = H * W),
+  q, k, v at head offsets 0, heads, 2 * heads of the last dim; k and v are addressed from q's pointer and strides.
+The tensors the launcher allocates share one layout, fixed by PACKED, so the kernels take no strides for them:
+- PACKED=False: out (N, T, heads, d) memory (returned as the (N, heads, T, d) view the output projection reads as
+  is); dq, dk, dv one buffer (3, N, T, heads, d);
+- PACKED=True: out (B, T, S, heads * d); dqkv (B, T, S, 3 * heads * d), the projection's gradient, written once.
+lse and the backward's delta scratch are (N, heads, T) fp32.
+
+Grid: 1-D, program p -> (b, sequence block, head) with heads fastest, so consecutive programs read adjacent d-rows
+of the packed projection. A program owns BN consecutive positions s of one sample and one head and never straddles
+two samples, so a per-sample bias / mask tile is loaded once per key block and shared by its sequences. Small tiles:
+BN = num_warps sequences, one a warp, the whole T x T score tile in registers as 3D tiles with a batched tl.dot.
+Larger tiles: one sequence, BM query rows x BK keys a block, online softmax over the key blocks. Every load of a
+block (q, k, v, bias, mask) is issued before its first dot.
+
+Backward: each program writes the bias gradient summed over its sequences to its own partial slot; the launcher sums
+the slots per sample in a fixed order: no atomics, bitwise reproducible. Design and history:
+kernels/notes/temporal_attention.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
+from vdm_fast.kernels._common import LOG2E, TRITON_DTYPE_NAMES, cdiv, device_guard, interpreting, next_pow2
 
-LOG2E = tl.constexpr(1.4426950408889634)
+_LOG2E = tl.constexpr(LOG2E)
 # Cap on the backward's bias partials (fp32 elements, 64 MiB): bounds the scratch whatever N is.
 MAX_PARTIAL_ELEMENTS = 1 << 24
-
-
-@triton.jit
-def _ptrs(base, n, h, rows, cols, s_n, s_h, s_r, s_c):
-    """Pointers of a [BN, R, C] tile: sequences n [BN,1,1] (int64), rows [1,R,1], cols [1,1,C] of head h."""
-    return base + n * s_n + h * s_h + rows * s_r + cols * s_c
 
 
 @triton.jit
@@ -61,200 +72,235 @@ def _dot(a, b, TA: tl.constexpr, TB: tl.constexpr, PREC: tl.constexpr, UPCAST: t
 
 
 @triton.jit
-def _scores(q, k, n, h, rows, cols, n_ok, T, BIAS, MASK, S_BIAS, S_MASK,
-            s_bb, s_bh, s_bi, s_bj, s_mb, s_mi, s_mj, qk_scale,
-            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores in log2 units, [BN, BM, BT] fp32, -inf where attention is not allowed (padding, mask, absent n)."""
-    s = _dot(q, k, False, True, PREC, UPCAST) * qk_scale
-    ok = n_ok & (rows < T) & (cols < T)
+def _program(S, HEADS, SEQ_BLOCKS, pid, BN: tl.constexpr):
+    """Program pid -> sample b (int64 scalar), head h, positions s [BN, 1, 1] (int64) and their validity."""
+    h = pid % HEADS
+    rest = pid // HEADS
+    b = (rest // SEQ_BLOCKS).to(tl.int64)
+    s = ((rest % SEQ_BLOCKS).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64))[:, None, None]
+    return b, h, s, s < S
+
+
+@triton.jit
+def _own_row(b, s, h, t, S, T, HEADS, ROW, D: tl.constexpr, PACKED: tl.constexpr):
+    """Element offset of row t of (b, s, h) in a launcher-allocated tensor whose rows hold ROW elements."""
+    if PACKED:
+        return ((b * T + t) * S + s) * ROW + h * D
+    return (((b * S + s) * T + t) * HEADS + h) * D
+
+
+@triton.jit
+def _block_scores(q, k, bias, allowed, ok, qk_scale, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                  PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores in log2 units, fp32, -inf where attention is not allowed (padding, mask, absent sequence)."""
+    sc = _dot(q, k, False, True, PREC, UPCAST) * qk_scale
     if HAS_BIAS:
-        b = tl.load(BIAS + (n // S_BIAS) * s_bb + h * s_bh + rows * s_bi + cols * s_bj, mask=ok, other=0.0)
-        s += b.to(tl.float32) * LOG2E
+        sc += bias.to(tl.float32) * _LOG2E
     if HAS_MASK:
-        allowed = tl.load(MASK + (n // S_MASK) * s_mb + rows * s_mi + cols * s_mj, mask=ok, other=0)
         ok = ok & (allowed != 0)
-    return tl.where(ok, s, float("-inf"))
-
-
-@triton.jit
-def _load_rows(X, n, h, rows, d_col, s_n, s_h, s_t, s_d, ok):
-    return tl.load(_ptrs(X, n, h, rows, d_col, s_n, s_h, s_t, s_d), mask=ok, other=0.0)
-
-
-@triton.jit
-def _store_rows(X, n, h, rows, d_col, s_n, s_h, s_t, s_d, x, ok):
-    tl.store(_ptrs(X, n, h, rows, d_col, s_n, s_h, s_t, s_d), x.to(X.dtype.element_ty), mask=ok)
+    return tl.where(ok, sc, float("-inf"))
 
 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, BIAS, MASK, OUT, LSE,
-    s_qn, s_qh, s_qt, s_qd, s_kn, s_kh, s_kt, s_kd, s_vn, s_vh, s_vt, s_vd, s_on, s_oh, s_ot, s_od,
-    s_bb, s_bh, s_bi, s_bj, s_mb, s_mi, s_mj,
-    N, T, D, S_BIAS, S_MASK, qk_scale,
-    BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    sq_b, sq_s, sq_h, sq_t, sq_d, sk_b, sk_s, sk_h, sk_t, sk_d, sv_b, sv_s, sv_h, sv_t, sv_d,
+    sbias_b, sbias_h, sbias_i, sbias_j, smask_b, smask_i, smask_j,
+    S, T, HEADS, SEQ_BLOCKS, qk_scale,
+    D: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """Program (i, h): sequences i*BN .. i*BN+BN-1 of head h. Passes of BM query rows; within a pass, blocks of BK
-    keys with an online softmax (one block up to T = BK: then it is the plain softmax). Blocks past T are masked."""
-    h = tl.program_id(1)
-    n1 = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
-    n = n1[:, None, None]  # [BN,1,1]
-    n_ok = n < N
+    """Passes of BM query rows; within a pass, blocks of BK keys with an online softmax (one block up to T = BK:
+    then it is the plain softmax). Blocks past T are masked."""
+    b, h, s, s_ok = _program(S, HEADS, SEQ_BLOCKS, tl.program_id(0), BN)
     d_col = tl.arange(0, BD)[None, None, :]
     d_ok = d_col < D
+    q_at = Q + b * sq_b + s * sq_s + h * sq_h + d_col * sq_d
+    if PACKED:  # k and v: the next two groups of heads in q's row
+        k_at = q_at + HEADS * sq_h
+        v_at = k_at + HEADS * sq_h
+        sk_t = sq_t
+        sv_t = sq_t
+    else:
+        k_at = K + b * sk_b + s * sk_s + h * sk_h + d_col * sk_d
+        v_at = V + b * sv_b + s * sv_s + h * sv_h + d_col * sv_d
+    bias_at = BIAS + b * sbias_b + h * sbias_h
+    mask_at = MASK + b * smask_b
     for m0 in range(0, BT, BM):
         rows = m0 + tl.arange(0, BM)[None, :, None]
-        row_ok = n_ok & (rows < T) & d_ok
-        q = _load_rows(Q, n, h, rows, d_col, s_qn, s_qh, s_qt, s_qd, row_ok)
+        row_ok = s_ok & (rows < T) & d_ok
+        q = tl.load(q_at + rows * sq_t, mask=row_ok, other=0.0)
         m = tl.full([BN, BM], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BN, BM], dtype=tl.float32)
         acc = tl.zeros([BN, BM, BD], dtype=tl.float32)
         for j0 in range(0, BT, BK):
             keys = j0 + tl.arange(0, BK)[None, :, None]
-            key_ok = n_ok & (keys < T) & d_ok
-            k = _load_rows(K, n, h, keys, d_col, s_kn, s_kh, s_kt, s_kd, key_ok)
-            v = _load_rows(V, n, h, keys, d_col, s_vn, s_vh, s_vt, s_vd, key_ok)
             cols = j0 + tl.arange(0, BK)[None, None, :]
-            s = _scores(q, k, n, h, rows, cols, n_ok, T, BIAS, MASK, S_BIAS, S_MASK,
-                        s_bb, s_bh, s_bi, s_bj, s_mb, s_mi, s_mj, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
-            m_new = tl.maximum(m, tl.max(s, 2))
+            key_ok = s_ok & (keys < T) & d_ok
+            tile_ok = (rows < T) & (cols < T)  # [1, BM, BK]: the bias / mask tile is the same for all BN sequences
+            k = tl.load(k_at + keys * sk_t, mask=key_ok, other=0.0)
+            v = tl.load(v_at + keys * sv_t, mask=key_ok, other=0.0)
+            bias = tl.load(bias_at + rows * sbias_i + cols * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS else 0.0
+            allowed = tl.load(mask_at + rows * smask_i + cols * smask_j, mask=tile_ok, other=0) if HAS_MASK else 1
+            sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
+            m_new = tl.maximum(m, tl.max(sc, 2))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: p = 0, not NaN
-            p = tl.math.exp2(s - shift[:, :, None])
+            p = tl.math.exp2(sc - shift[:, :, None])
             alpha = tl.math.exp2(m - shift)  # 0 on the first block (m = -inf)
             l = l * alpha + tl.sum(p, 2)
             acc = acc * alpha[:, :, None] + _dot(p.to(v.dtype), v, False, False, PREC, UPCAST)
             m = m_new
         has = l > 0  # a row with nothing allowed gives 0 (no division by its l = 0 either)
         inv = tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)
-        _store_rows(OUT, n, h, rows, d_col, s_on, s_oh, s_ot, s_od, acc * inv[:, :, None], row_ok)
+        o_at = OUT + _own_row(b, s, h, rows, S, T, HEADS, HEADS * D, D, PACKED) + d_col
+        tl.store(o_at, (acc * inv[:, :, None]).to(OUT.dtype.element_ty), mask=row_ok)
         lse = tl.where(has, m + tl.math.log2(tl.where(has, l, 1.0)), 0.0)
-        r2 = m0 + tl.arange(0, BM)[None, :]
-        tl.store(LSE + (n1[:, None] * tl.num_programs(1) + h) * T + r2, lse, mask=(n1[:, None] < N) & (r2 < T))
+        lse_at = LSE + ((b * S + s) * HEADS + h) * T + rows  # [BN, BM, 1]
+        tl.store(tl.reshape(lse_at, [BN, BM]), lse, mask=tl.reshape(s_ok & (rows < T), [BN, BM]))
 
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, O, DO, LSE, DELTA, BIAS, MASK, DQ, DK, DV, DBP,
-    s_qn, s_qh, s_qt, s_qd, s_kn, s_kh, s_kt, s_kd, s_vn, s_vh, s_vt, s_vd, s_on, s_oh, s_ot, s_od,
-    s_gn, s_gh, s_gt, s_gd, s_dqn, s_dqh, s_dqt, s_dqd, s_dkn, s_dkh, s_dkt, s_dkd, s_dvn, s_dvh, s_dvt, s_dvd,
-    s_bb, s_bh, s_bi, s_bj, s_mb, s_mi, s_mj,
-    N, T, D, S_BIAS, S_MASK, S_GROUP, BLOCKS, PID0, scale, qk_scale,
-    BN: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    Q, K, V, O, DO, LSE, DELTA, BIAS, MASK, DQKV, PARTIALS,
+    sq_b, sq_s, sq_h, sq_t, sq_d, sk_b, sk_s, sk_h, sk_t, sk_d, sv_b, sv_s, sv_h, sv_t, sv_d,
+    sdo_b, sdo_s, sdo_h, sdo_t, sdo_d, sbias_b, sbias_h, sbias_i, sbias_j, smask_b, smask_i, smask_j,
+    KV_STEP, S, T, HEADS, SEQ_BLOCKS, PID0, scale, qk_scale,
+    D: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (p - PID0, h) handles sequence block p % BLOCKS of group p // BLOCKS (a group: S_GROUP sequences, one
-    sample of a per-sample bias, else all N) and writes its bias-gradient partial, summed over its BN sequences,
-    to DBP[p - PID0, h]. No loop over sequence blocks: a persistent loop made LLVM hoist every tile's addresses
-    out of it and spill."""
+    """Program pid of this launch is program pid + PID0 of the grid (the launcher splits the grid to bound the bias
+    partials); it writes its bias-gradient partial, summed over its BN sequences, to PARTIALS[pid]. No loop over
+    sequence blocks: a persistent loop made LLVM hoist every tile's addresses out of it and spill. dq, dk, dv of an
+    element lie KV_STEP elements apart in DQKV (packed: heads * d, one row; else N * T * heads * d)."""
     pid = tl.program_id(0)
-    h = tl.program_id(1)
-    heads = tl.num_programs(1)
-    prog = pid + PID0
-    g = prog // BLOCKS
-    group_end = tl.minimum((g + 1).to(tl.int64) * S_GROUP, N)
-    n1 = g.to(tl.int64) * S_GROUP + (prog % BLOCKS) * BN + tl.arange(0, BN).to(tl.int64)
-    n = n1[:, None, None]
-    n_ok = n < group_end
+    b, h, s, s_ok = _program(S, HEADS, SEQ_BLOCKS, pid + PID0, BN)
     d_col = tl.arange(0, BD)[None, None, :]
     d_ok = d_col < D
-    dbp = DBP + (pid * heads + h).to(tl.int64) * T * T
+    q_at = Q + b * sq_b + s * sq_s + h * sq_h + d_col * sq_d
+    if PACKED:
+        k_at = q_at + HEADS * sq_h
+        v_at = k_at + HEADS * sq_h
+        sk_t = sq_t
+        sv_t = sq_t
+        grad_row = 3 * HEADS * D
+    else:
+        k_at = K + b * sk_b + s * sk_s + h * sk_h + d_col * sk_d
+        v_at = V + b * sv_b + s * sv_s + h * sv_h + d_col * sv_d
+        grad_row = HEADS * D
+    do_at = DO + b * sdo_b + s * sdo_s + h * sdo_h + d_col * sdo_d
+    bias_at = BIAS + b * sbias_b + h * sbias_h
+    mask_at = MASK + b * smask_b
+    stat_at = ((b * S + s) * HEADS + h) * T  # [BN, 1, 1]: lse / delta rows of (b, s, h)
+    partial = PARTIALS + pid.to(tl.int64) * T * T
     if BM == BT:
-        # The whole T x T tile at once: one pass computes everything.
+        # The whole T x T tile at once: one pass computes everything. All loads first, then the dots.
         t_row = tl.arange(0, BT)[None, :, None]
         t_col = tl.arange(0, BT)[None, None, :]
-        ok = n_ok & (t_row < T) & d_ok
-        q = _load_rows(Q, n, h, t_row, d_col, s_qn, s_qh, s_qt, s_qd, ok)
-        k = _load_rows(K, n, h, t_row, d_col, s_kn, s_kh, s_kt, s_kd, ok)
-        v = _load_rows(V, n, h, t_row, d_col, s_vn, s_vh, s_vt, s_vd, ok)
-        do = _load_rows(DO, n, h, t_row, d_col, s_gn, s_gh, s_gt, s_gd, ok)
-        o = _load_rows(O, n, h, t_row, d_col, s_on, s_oh, s_ot, s_od, ok)
+        ok = s_ok & (t_row < T) & d_ok
+        tile_ok = (t_row < T) & (t_col < T)
+        q = tl.load(q_at + t_row * sq_t, mask=ok, other=0.0)
+        k = tl.load(k_at + t_row * sk_t, mask=ok, other=0.0)
+        v = tl.load(v_at + t_row * sv_t, mask=ok, other=0.0)
+        do = tl.load(do_at + t_row * sdo_t, mask=ok, other=0.0)
+        o = tl.load(O + _own_row(b, s, h, t_row, S, T, HEADS, HEADS * D, D, PACKED) + d_col, mask=ok, other=0.0)
+        stat_ok = tl.reshape(s_ok & (t_row < T), [BN, BT])
+        lse = tl.load(tl.reshape(LSE + stat_at + t_row, [BN, BT]), mask=stat_ok, other=0.0)
+        bias = tl.load(bias_at + t_row * sbias_i + t_col * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS else 0.0
+        allowed = tl.load(mask_at + t_row * smask_i + t_col * smask_j, mask=tile_ok, other=0) if HAS_MASK else 1
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)  # rowsum(dO * O), [BN, BT]
-        r2 = tl.arange(0, BT)[None, :]
-        lse = tl.load(LSE + (n1[:, None] * heads + h) * T + r2, mask=(n1[:, None] < group_end) & (r2 < T), other=0.0)
-        s = _scores(q, k, n, h, t_row, t_col, n_ok, T, BIAS, MASK, S_BIAS, S_MASK,
-                    s_bb, s_bh, s_bi, s_bj, s_mb, s_mi, s_mj, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
-        p = tl.math.exp2(s - lse[:, :, None])  # 0 where not allowed, and in fully masked rows
+        sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
+        p = tl.math.exp2(sc - lse[:, :, None])  # 0 where not allowed, and in fully masked rows
+        g_at = DQKV + _own_row(b, s, h, t_row, S, T, HEADS, grad_row, D, PACKED) + d_col
         dv = _dot(p.to(do.dtype), do, True, False, PREC, UPCAST)
-        _store_rows(DV, n, h, t_row, d_col, s_dvn, s_dvh, s_dvt, s_dvd, dv, ok)
+        tl.store(g_at + 2 * KV_STEP, dv.to(DQKV.dtype.element_ty), mask=ok)
         dp = _dot(do, v, False, True, PREC, UPCAST)
         ds = p * (dp - delta[:, :, None])  # dL/d(score), fp32
         dq = _dot(ds.to(k.dtype), k, False, False, PREC, UPCAST) * scale
-        _store_rows(DQ, n, h, t_row, d_col, s_dqn, s_dqh, s_dqt, s_dqd, dq, ok)
+        tl.store(g_at, dq.to(DQKV.dtype.element_ty), mask=ok)
         dk = _dot(ds.to(q.dtype), q, True, False, PREC, UPCAST) * scale
-        _store_rows(DK, n, h, t_row, d_col, s_dkn, s_dkh, s_dkt, s_dkd, dk, ok)
+        tl.store(g_at + KV_STEP, dk.to(DQKV.dtype.element_ty), mask=ok)
         if BIAS_GRAD:
             r = tl.arange(0, BT)[:, None]
             c = tl.arange(0, BT)[None, :]
-            tl.store(dbp + r * T + c, tl.sum(ds, 0), mask=(r < T) & (c < T))
+            tl.store(partial + r * T + c, tl.sum(ds, 0), mask=(r < T) & (c < T))
     else:
         # Blocks of BM rows x BM keys, so no tile outgrows the registers. Pass 1, per row block: delta (saved for
         # pass 2), dq over the key blocks, and each (rows, keys) block of the bias partial, written once.
         for i0 in range(0, BT, BM):
             rows = i0 + tl.arange(0, BM)[None, :, None]
-            row_ok = n_ok & (rows < T) & d_ok
-            q = _load_rows(Q, n, h, rows, d_col, s_qn, s_qh, s_qt, s_qd, row_ok)
-            do = _load_rows(DO, n, h, rows, d_col, s_gn, s_gh, s_gt, s_gd, row_ok)
-            o = _load_rows(O, n, h, rows, d_col, s_on, s_oh, s_ot, s_od, row_ok)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)
-            r2 = i0 + tl.arange(0, BM)[None, :]
-            stat = (n1[:, None] * heads + h) * T + r2
-            stat_ok = (n1[:, None] < group_end) & (r2 < T)
-            tl.store(DELTA + stat, delta, mask=stat_ok)
+            row_ok = s_ok & (rows < T) & d_ok
+            stat_ok = tl.reshape(s_ok & (rows < T), [BN, BM])
+            stat = tl.reshape(stat_at + rows, [BN, BM])
+            q = tl.load(q_at + rows * sq_t, mask=row_ok, other=0.0)
+            do = tl.load(do_at + rows * sdo_t, mask=row_ok, other=0.0)
+            o = tl.load(O + _own_row(b, s, h, rows, S, T, HEADS, HEADS * D, D, PACKED) + d_col, mask=row_ok,
+                        other=0.0)
             lse = tl.load(LSE + stat, mask=stat_ok, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)
+            tl.store(DELTA + stat, delta, mask=stat_ok)
             dq = tl.zeros([BN, BM, BD], dtype=tl.float32)
             for j0 in range(0, BT, BM):
                 keys = j0 + tl.arange(0, BM)[None, :, None]
-                key_ok = n_ok & (keys < T) & d_ok
-                k = _load_rows(K, n, h, keys, d_col, s_kn, s_kh, s_kt, s_kd, key_ok)
-                v = _load_rows(V, n, h, keys, d_col, s_vn, s_vh, s_vt, s_vd, key_ok)
                 cols = j0 + tl.arange(0, BM)[None, None, :]
-                s = _scores(q, k, n, h, rows, cols, n_ok, T, BIAS, MASK, S_BIAS, S_MASK,
-                            s_bb, s_bh, s_bi, s_bj, s_mb, s_mi, s_mj, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
-                p = tl.math.exp2(s - lse[:, :, None])
+                key_ok = s_ok & (keys < T) & d_ok
+                tile_ok = (rows < T) & (cols < T)
+                k = tl.load(k_at + keys * sk_t, mask=key_ok, other=0.0)
+                v = tl.load(v_at + keys * sv_t, mask=key_ok, other=0.0)
+                bias = tl.load(bias_at + rows * sbias_i + cols * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS \
+                    else 0.0
+                allowed = tl.load(mask_at + rows * smask_i + cols * smask_j, mask=tile_ok, other=0) if HAS_MASK \
+                    else 1
+                sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
+                p = tl.math.exp2(sc - lse[:, :, None])
                 ds = p * (_dot(do, v, False, True, PREC, UPCAST) - delta[:, :, None])
                 dq += _dot(ds.to(k.dtype), k, False, False, PREC, UPCAST)
                 if BIAS_GRAD:
                     r = i0 + tl.arange(0, BM)[:, None]
                     c = j0 + tl.arange(0, BM)[None, :]
-                    tl.store(dbp + r * T + c, tl.sum(ds, 0), mask=(r < T) & (c < T))
-            _store_rows(DQ, n, h, rows, d_col, s_dqn, s_dqh, s_dqt, s_dqd, dq * scale, row_ok)
+                    tl.store(partial + r * T + c, tl.sum(ds, 0), mask=(r < T) & (c < T))
+            g_at = DQKV + _own_row(b, s, h, rows, S, T, HEADS, grad_row, D, PACKED) + d_col
+            tl.store(g_at, (dq * scale).to(DQKV.dtype.element_ty), mask=row_ok)
         tl.debug_barrier()  # pass 2 reads the delta this CTA wrote in pass 1
         # Pass 2, per key block: dk and dv over the row blocks.
         for j0 in range(0, BT, BM):
             keys = j0 + tl.arange(0, BM)[None, :, None]
-            key_ok = n_ok & (keys < T) & d_ok
-            k = _load_rows(K, n, h, keys, d_col, s_kn, s_kh, s_kt, s_kd, key_ok)
-            v = _load_rows(V, n, h, keys, d_col, s_vn, s_vh, s_vt, s_vd, key_ok)
             cols = j0 + tl.arange(0, BM)[None, None, :]
+            key_ok = s_ok & (keys < T) & d_ok
+            k = tl.load(k_at + keys * sk_t, mask=key_ok, other=0.0)
+            v = tl.load(v_at + keys * sv_t, mask=key_ok, other=0.0)
             dk = tl.zeros([BN, BM, BD], dtype=tl.float32)
             dv = tl.zeros([BN, BM, BD], dtype=tl.float32)
             for i0 in range(0, BT, BM):
                 rows = i0 + tl.arange(0, BM)[None, :, None]
-                row_ok = n_ok & (rows < T) & d_ok
-                q = _load_rows(Q, n, h, rows, d_col, s_qn, s_qh, s_qt, s_qd, row_ok)
-                do = _load_rows(DO, n, h, rows, d_col, s_gn, s_gh, s_gt, s_gd, row_ok)
-                r2 = i0 + tl.arange(0, BM)[None, :]
-                stat = (n1[:, None] * heads + h) * T + r2
-                stat_ok = (n1[:, None] < group_end) & (r2 < T)
+                row_ok = s_ok & (rows < T) & d_ok
+                tile_ok = (rows < T) & (cols < T)
+                stat_ok = tl.reshape(s_ok & (rows < T), [BN, BM])
+                stat = tl.reshape(stat_at + rows, [BN, BM])
+                q = tl.load(q_at + rows * sq_t, mask=row_ok, other=0.0)
+                do = tl.load(do_at + rows * sdo_t, mask=row_ok, other=0.0)
                 lse = tl.load(LSE + stat, mask=stat_ok, other=0.0)
                 delta = tl.load(DELTA + stat, mask=stat_ok, other=0.0)
-                s = _scores(q, k, n, h, rows, cols, n_ok, T, BIAS, MASK, S_BIAS, S_MASK,
-                            s_bb, s_bh, s_bi, s_bj, s_mb, s_mi, s_mj, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
-                p = tl.math.exp2(s - lse[:, :, None])
+                bias = tl.load(bias_at + rows * sbias_i + cols * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS \
+                    else 0.0
+                allowed = tl.load(mask_at + rows * smask_i + cols * smask_j, mask=tile_ok, other=0) if HAS_MASK \
+                    else 1
+                sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
+                p = tl.math.exp2(sc - lse[:, :, None])
                 dv += _dot(p.to(do.dtype), do, True, False, PREC, UPCAST)
                 ds = p * (_dot(do, v, False, True, PREC, UPCAST) - delta[:, :, None])
                 dk += _dot(ds.to(q.dtype), q, True, False, PREC, UPCAST)
-            _store_rows(DK, n, h, keys, d_col, s_dkn, s_dkh, s_dkt, s_dkd, dk * scale, key_ok)
-            _store_rows(DV, n, h, keys, d_col, s_dvn, s_dvh, s_dvt, s_dvd, dv, key_ok)
+            g_at = DQKV + _own_row(b, s, h, keys, S, T, HEADS, grad_row, D, PACKED) + d_col
+            tl.store(g_at + KV_STEP, (dk * scale).to(DQKV.dtype.element_ty), mask=key_ok)
+            tl.store(g_at + 2 * KV_STEP, dv.to(DQKV.dtype.element_ty), mask=key_ok)
 
 
 # ----------------------------------------------------------------------------------------------- launch
 
 
 def _blocks(frames: int, d: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(frames)), max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(frames)), max(16, next_pow2(d))
 
 
 # Launch configurations, per (fp32?, BT, BD), read off the compile table (regs, spills on sm_80 and sm_90; see
@@ -301,108 +347,150 @@ def _prec(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _launch(kernel, grid: tuple[int], args: tuple, meta: dict) -> None:
+    """Every launch goes through here (tests and the host-path benchmark wrap or stub it)."""
+    kernel[grid](*args, **meta)
 
 
-def _bias_mask_args(bias, mask, q, n):
-    """fp32 bias and uint8 mask (both tiny), their strides (0 over a shared tensor's batch) and group sizes."""
-    heads, frames = q.shape[1], q.shape[2]
-    if bias is None:
-        b, b_strides, s_bias = q.new_empty(1, dtype=torch.float32), (0, 0, 0, 0), 1
-    else:
-        b = bias.float()
-        b4 = b if b.dim() == 4 else b[None].expand(1, heads, frames, frames)
-        b_strides = (b4.stride(0) if b.dim() == 4 else 0, *b4.stride()[1:])
-        s_bias = n // b.shape[0] if b.dim() == 4 else max(n, 1)
-    if mask is None:
-        m, m_strides, s_mask = q.new_empty(1, dtype=torch.uint8), (0, 0, 0), 1
-    else:
-        m = mask.view(torch.uint8)
-        m3 = m if m.dim() == 3 else m[None]
-        m_strides = (m3.stride(0) if m.dim() == 3 else 0, *m3.stride()[1:])
-        s_mask = n // m.shape[0] if m.dim() == 3 else max(n, 1)
-    return b, b_strides, s_bias, m, m_strides, s_mask
+class Plan:
+    """Everything about a call that depends only on (shapes, strides, dtypes, flags): grids, constexprs, the integer
+    arguments, output shapes. Built once per such key by the op (vdm_fast/ops/temporal_attention.py), so a call
+    computes nothing but its pointers.
 
-
-def forward(q, k, v, bias, mask, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """out (N, heads, T, d) and lse (N, heads, T) fp32 contiguous, written in place."""
-    n, heads, frames, d = q.shape
-    bt, bd = _blocks(frames, d)
-    cfg = fwd_config(bt, bd, q.dtype)
-    b, b_strides, s_bias, m, m_strides, s_mask = _bias_mask_args(bias, mask, q, n)
-    grid = (triton.cdiv(n, cfg["BN"]), heads)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _fwd_kernel[grid](
-            q, k, v, b, m, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *b_strides, *m_strides,
-            n, frames, d, s_bias, s_mask, scale * 1.4426950408889634,
-            BN=cfg["BN"], BM=cfg["BM"], BK=cfg["BK"], BT=bt, BD=bd, HAS_BIAS=bias is not None,
-            HAS_MASK=mask is not None, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-
-
-def backward(grad_out, q, k, v, out, lse, bias, mask, scale: float, dq, dk, dv, dbias) -> None:
-    """dq, dk, dv written in place; dbias (bias's shape, fp32) gets the fixed-order sum of the per-program partials.
-
-    Each program writes one partial (heads, T, T); they are summed per group (sample) with torch.sum, in launches of
-    at most MAX_PARTIAL_ELEMENTS partial elements, so the scratch stays bounded whatever N is.
+    `inputs`: q, k, v strides as (b, s, h, t, d) each (packed: q's, with k and v addressed from it). `bias` /
+    `mask`: None or (strides (b, h, i, j) / (b, i, j), b-stride 0 when shared). Outputs: see the module docstring.
     """
-    n, heads, frames, d = q.shape
-    bt, bd = _blocks(frames, d)
-    cfg = bwd_config(bt, bd, q.dtype)
-    b, b_strides, s_bias, m, m_strides, s_mask = _bias_mask_args(bias, mask, q, n)
-    bias_grad = bias is not None
-    # Groups: one per sample of a per-sample bias (a program's partial then belongs to one sample), else one.
-    groups = bias.shape[0] if bias_grad and bias.dim() == 4 else 1
-    s_group = n // groups
-    blocks = triton.cdiv(s_group, cfg["BN"])
-    delta = torch.empty(n, heads, frames, dtype=torch.float32, device=q.device) if cfg["BM"] < bt else lse
-    cap = max(1, MAX_PARTIAL_ELEMENTS // (heads * frames * frames)) if bias_grad else 1 << 30
-    partials = torch.empty((min(cap, groups * blocks), heads, frames, frames) if bias_grad else (1,),
+
+    __slots__ = ("packed", "shape", "heads", "frames", "d", "dtype", "has_bias", "has_mask", "bias_batch",
+                 "out_shape", "out_view", "grad_shape", "fwd_grid", "fwd_args", "fwd_meta", "bwd_cfg",
+                 "bwd_head", "bwd_tail", "bwd_meta", "seq_blocks", "scale")
+
+    def __init__(self, *, packed: bool, batch: int, seqs: int, heads: int, frames: int, d: int, dtype: torch.dtype,
+                 inputs: tuple, bias: tuple | None, mask: tuple | None, bias_batch: int, scale: float):
+        n = batch * seqs
+        self.packed, self.shape, self.heads, self.frames, self.d = packed, (batch, seqs), heads, frames, d
+        self.dtype, self.has_bias, self.has_mask, self.bias_batch, self.scale = (
+            dtype, bias is not None, mask is not None, bias_batch, scale)
+        if packed:
+            self.out_shape, self.out_view = (batch, frames, seqs, heads * d), None
+            self.grad_shape = (batch, frames, seqs, 3 * heads * d)
+        else:
+            self.out_shape, self.out_view = (n, frames, heads, d), (1, 2)
+            self.grad_shape = (3, n, frames, heads, d)
+        bt, bd = _blocks(frames, d)
+        fwd = fwd_config(bt, bd, dtype)
+        bias_strides = bias if bias is not None else (0, 0, 0, 0)
+        mask_strides = mask if mask is not None else (0, 0, 0)
+        flags = dict(D=d, BT=bt, BD=bd, PACKED=packed, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+                     PREC=_prec(dtype), UPCAST=dtype == torch.bfloat16 and interpreting())
+        blocks = cdiv(seqs, fwd["BN"])
+        self.fwd_grid = (batch * blocks * heads,)
+        qk_scale = scale * LOG2E
+        self.fwd_args = (*inputs, *bias_strides, *mask_strides, seqs, frames, heads, blocks, qk_scale)
+        self.fwd_meta = dict(flags, BN=fwd["BN"], BM=fwd["BM"], BK=fwd["BK"], num_warps=fwd["num_warps"],
+                             num_stages=fwd["num_stages"])
+        bwd = bwd_config(bt, bd, dtype)
+        self.bwd_cfg = bwd
+        self.seq_blocks = cdiv(seqs, bwd["BN"])
+        self.bwd_head = inputs
+        kv_step = heads * d if packed else n * frames * heads * d
+        self.bwd_tail = (*bias_strides, *mask_strides, kv_step, seqs, frames, heads, self.seq_blocks)
+        self.bwd_meta = dict(flags, BN=bwd["BN"], BM=bwd["BM"], num_warps=bwd["num_warps"],
+                             num_stages=bwd["num_stages"])
+
+
+def forward(plan: Plan, q, k, v, bias, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (plan.out_shape, viewed (N, heads, T, d) for the 4-D API) and lse (N, heads, T) fp32."""
+    out = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
+    batch, seqs = plan.shape
+    lse = torch.empty((batch * seqs, plan.heads, plan.frames), dtype=torch.float32, device=q.device)
+    if out.numel():
+        with device_guard(q):
+            _launch(_fwd_kernel, plan.fwd_grid, (q, k, v, q if bias is None else bias,
+                                                 q if mask is None else mask, out, lse, *plan.fwd_args),
+                    plan.fwd_meta)
+    return (out.transpose(1, 2) if plan.out_view else out), lse
+
+
+def backward(plan: Plan, grad_out, do_strides: tuple, q, k, v, out, lse, bias, mask,
+             bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradient buffer (dqkv, or (3, N, heads, T, d) views) and dbias (fp32, (bias_batch, heads, T, T)) or None.
+
+    Each program writes one bias partial (T, T); they are summed per (sample, head) in a fixed order (torch.sum), in
+    launches of at most MAX_PARTIAL_ELEMENTS partial elements, so the scratch stays bounded whatever N is.
+    """
+    batch, seqs = plan.shape
+    heads, frames = plan.heads, plan.frames
+    n = batch * seqs
+    grads = torch.empty(plan.grad_shape, dtype=q.dtype, device=q.device)
+    cfg = plan.bwd_cfg
+    blocks = plan.seq_blocks
+    delta = lse if cfg["BM"] == max(16, next_pow2(frames)) else torch.empty_like(lse)
+    bias_grad = bias_grad and bias is not None
+    meta = dict(plan.bwd_meta, BIAS_GRAD=bias_grad)
+    per_sample = heads * blocks  # programs of one sample
+    cap = max(heads, MAX_PARTIAL_ELEMENTS // max(1, frames * frames)) if bias_grad else 1 << 62
+    partials = torch.empty((min(cap, batch * per_sample) if bias_grad else 1, frames, frames),
                            dtype=torch.float32, device=q.device)
-    acc = dbias.view(groups, heads, frames, frames) if bias_grad else None
+    dbias = torch.empty((plan.bias_batch, heads, frames, frames), dtype=torch.float32, device=q.device) \
+        if bias_grad else None
+    bias_arg = q if bias is None else bias
+    mask_arg = q if mask is None else mask
+    ptrs = (q, k, v, out, grad_out, lse, delta, bias_arg, mask_arg, grads, partials)
+    args = (*plan.bwd_head, *do_strides, *plan.bwd_tail)
 
     def launch(first: int, count: int) -> None:
-        _bwd_kernel[(count, heads)](
-            q, k, v, out, grad_out, lse, delta, b, m, dq, dk, dv, partials,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(),
-            *dv.stride(), *b_strides, *m_strides,
-            n, frames, d, s_bias, s_mask, s_group, blocks, first, scale, scale * 1.4426950408889634,
-            BN=cfg["BN"], BM=cfg["BM"], BT=bt, BD=bd, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-            BIAS_GRAD=bias_grad, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-        )
+        _launch(_bwd_kernel, (count,), (*ptrs, *args, first, plan.scale, plan.scale * LOG2E), meta)
 
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        if not bias_grad:
-            launch(0, groups * blocks)
-        elif blocks <= cap:  # whole groups per launch
-            per = cap // blocks
-            for g0 in range(0, groups, per):
-                gs = min(per, groups - g0)
-                launch(g0 * blocks, gs * blocks)
-                torch.sum(partials[: gs * blocks].view(gs, blocks, heads, frames, frames), 1, out=acc[g0:g0 + gs])
-        else:  # a group spans launches: add each launch's sum in launch order
-            acc.zero_()
-            for g in range(groups):
-                for b0 in range(0, blocks, cap):
-                    cnt = min(cap, blocks - b0)
-                    launch(g * blocks + b0, cnt)
-                    acc[g] += partials[:cnt].sum(0)
+    if n == 0 or grads.numel() == 0:
+        if dbias is not None:
+            dbias.zero_()
+    else:
+        with device_guard(q):
+            if not bias_grad:
+                launch(0, batch * per_sample)
+            elif per_sample <= cap:  # whole samples per launch
+                per = cap // per_sample
+                for b0 in range(0, batch, per):
+                    nb = min(per, batch - b0)
+                    launch(b0 * per_sample, nb * per_sample)
+                    sums = partials[: nb * per_sample].view(nb, blocks, heads, frames, frames)
+                    if plan.bias_batch == 1 and b0 == 0:
+                        torch.sum(sums, (0, 1), out=dbias[0])
+                    elif plan.bias_batch == 1:  # shared bias: every sample adds to it, in launch order
+                        dbias[0] += sums.sum((0, 1))
+                    else:
+                        torch.sum(sums, 1, out=dbias[b0:b0 + nb])
+            else:  # a sample spans launches: add each launch's sum in launch order
+                rows = cap // heads  # sequence blocks per launch
+                dbias.zero_()
+                for b in range(batch):
+                    for r0 in range(0, blocks, rows):
+                        cnt = min(rows, blocks - r0)
+                        launch(b * per_sample + r0 * heads, cnt * heads)
+                        dbias[b if plan.bias_batch > 1 else 0] += partials[: cnt * heads].view(
+                            cnt, heads, frames, frames).sum(0)
+    if not plan.packed:
+        grads = grads.transpose(2, 3)  # (3, N, heads, T, d) views of (3, N, T, heads, d) memory
+    return grads, dbias
 
 
 # ----------------------------------------------------------------------------------------------- compile check
 
-_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_CONSTEXPRS = {"BN", "BM", "BK", "BT", "BD", "HAS_BIAS", "HAS_MASK", "BIAS_GRAD", "PREC", "UPCAST"}
-_FIXED = {"BIAS": "*fp32", "MASK": "*u8", "LSE": "*fp32", "DELTA": "*fp32", "DBP": "*fp32", "qk_scale": "fp32", "scale": "fp32"}
-_DATA = {"Q", "K", "V", "O", "DO", "OUT", "DQ", "DK", "DV"}
+_CONSTEXPRS = {"D", "BN", "BM", "BK", "BT", "BD", "PACKED", "HAS_BIAS", "HAS_MASK", "BIAS_GRAD", "PREC", "UPCAST"}
+_FP32 = {"BIAS", "LSE", "DELTA", "PARTIALS", "qk_scale", "scale"}
+_DATA = {"Q", "K", "V", "O", "DO", "OUT", "DQKV"}
 
 
-def _signature(fn, dtype: torch.dtype) -> dict[str, str]:
+def _signature(fn, dtype: torch.dtype, unit: set[str]) -> dict[str, str]:
     """Pointers to q's dtype for the data tensors, fp32 bias / lse / partials, u8 mask, i32 sizes and strides."""
-    return {a: _FIXED.get(a, "*" + _TY[dtype] if a in _DATA else "i32") for a in fn.arg_names
-            if a not in _CONSTEXPRS and not (a.startswith("s_") and a[-1] in "dj")}
+    def ty(a):
+        if a in _FP32:
+            return ("*fp32" if a.isupper() else "fp32")
+        if a == "MASK":
+            return "*u8"
+        return "*" + TRITON_DTYPE_NAMES[dtype] if a in _DATA else "i32"
+    return {a: ty(a) for a in fn.arg_names if a not in _CONSTEXPRS and a not in unit}
 
 
 # fp32 backward with d > 64 spills a few registers on sm_80 (5 to 34 spill ops) in every configuration tried (see the
@@ -412,8 +500,9 @@ SPILLING = {("bwd", torch.float32, bt, 128) for bt in (16, 32, 64, 128)}
 
 def compile_configs(full: bool = False):
     """The launch configurations for the CI compile check (sm_80 / sm_90): every tile (BT, BD) of bf16 and fp32 with
-    bias and mask on, plus the other flag combinations and fp16 at the headline tile (T = 16, d = 64); the flags and
-    fp16 only remove code or rename the type. `full=True`: every (dtype, tile, flags) the launchers can use."""
+    bias and mask on, plus the other flag combinations and fp16 at the headline tile (T = 16, d = 64), and the
+    U-Net's packed-qkv views (PACKED=True) at the headline tile; the flags and fp16 only remove code or rename the
+    type. `full=True`: every (dtype, tile, flags) the launchers can use."""
     from vdm_fast.kernels._compile import KernelConfig
 
     flags_all = ((True, True), (True, False), (False, True), (False, False))
@@ -424,24 +513,28 @@ def compile_configs(full: bool = False):
                 for flags in flags_all:
                     headline = bt == 16 and bd == 64 and dtype != torch.float32
                     if full or headline or (dtype != torch.float16 and flags == (True, True)):
-                        wanted.append((dtype, bt, bd, flags))
+                        wanted.append((dtype, bt, bd, flags, False))
+                    if headline and flags[1] is False:  # the layer: packed qkv, bias, with and without the mask
+                        wanted.append((dtype, bt, bd, (True, True), True))
     configs = []
-    for dtype, bt, bd, (has_bias, has_mask) in wanted:
-        common = dict(BT=bt, BD=bd, HAS_BIAS=has_bias, HAS_MASK=has_mask, PREC=_prec(dtype), UPCAST=False)
-        tag = f"{_TY[dtype]}_t{bt}_d{bd}{'_bias' if has_bias else ''}{'_mask' if has_mask else ''}"
+    for dtype, bt, bd, (has_bias, has_mask), packed in wanted:
+        common = dict(D=bd, BT=bt, BD=bd, PACKED=packed, HAS_BIAS=has_bias, HAS_MASK=has_mask, PREC=_prec(dtype),
+                      UPCAST=False)
+        tag = (f"{TRITON_DTYPE_NAMES[dtype]}_t{bt}_d{bd}{'_bias' if has_bias else ''}{'_mask' if has_mask else ''}"
+               f"{'_packed' if packed else ''}")
         for kind, fn, cfg in (("fwd", _fwd_kernel, fwd_config(bt, bd, dtype)),
                               ("bwd", _bwd_kernel, bwd_config(bt, bd, dtype))):
             if (kind, dtype, bt, bd) in SPILLING and not full:
                 continue
-            # The launch specializes unit strides (Triton's JIT does for ints equal to 1): the common case,
-            # contiguous head dim and contiguous last dim of bias / mask, is what is checked.
-            unit = {a: 1 for a in fn.arg_names if a.startswith("s_") and a[-1] in "dj"}
-            const = dict(common, BN=cfg["BN"], BM=cfg["BM"], **unit)
+            # The JIT specializes integers equal to 1 as constants: the common case (contiguous head dim, contiguous
+            # last dim of bias / mask) is what is checked.
+            unit = {a for a in fn.arg_names if a.startswith("s") and a[-2:] in ("_d", "_j")}
+            const = dict(common, BN=cfg["BN"], BM=cfg["BM"], **{a: 1 for a in unit})
             if kind == "fwd":
                 const["BK"] = cfg["BK"]
             else:
                 const["BIAS_GRAD"] = has_bias
             configs.append(KernelConfig(
-                name=f"temporal_attention_{kind}_{tag}", fn=fn, signature=_signature(fn, dtype), constexprs=const,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], expect_mma=True))
+                name=f"temporal_attention_{kind}_{tag}", fn=fn, signature=_signature(fn, dtype, unit),
+                constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], expect_mma=True))
     return configs
