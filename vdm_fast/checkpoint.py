@@ -1,59 +1,109 @@
-"""Checkpoints that never break and never unpickle.
+"""Checkpoints that never break, never unpickle and are verified before they are trusted.
 
-Layout of a run directory::
+Layout of a run directory (format 2)::
 
     run/checkpoints/step_00002000/model.safetensors      weights
-                                 ema.safetensors        EMA weights (optional)
-                                 optimizer.safetensors  optimizer tensors (Adam moments, step counts)
-                                 optimizer.json         optimizer structure (param groups, hyper-parameters)
+                                 ema.safetensors        EMA weights (if saved)
+                                 optimizer.safetensors  optimizer tensors (Adam moments, step counts) (if saved)
+                                 optimizer.json         optimizer structure (param groups, hyper-parameters) (if saved)
                                  state.safetensors      other tensors (RNG states of every rank)
-                                 state.json             step, data stream position, ... (anything JSON)
+                                 state.json             {"format": 2, "step", "parts": [saved parts], "state": tree}
                                  config.json            model / diffusion / training config
-    run/checkpoints/latest                              "step_00002000": the checkpoint to resume from
+                                 manifest.json          {"format": 2, "files": {name: {"size", "sha256"}}}, LAST
+    run/checkpoints/latest                              "step_00002000\\n": the checkpoint to resume from
 
-Saving is atomic twice over: a step is written into a temporary directory beside the others, flushed to disk, then
-renamed into place (a directory rename is atomic), and only then is `latest` replaced (temp file + os.replace). A crash
-at any point leaves `latest` naming a complete checkpoint, and leftover temporary directories are removed by the next
-save. Loading reads tensors with safetensors and structure with json: no pickle, so a checkpoint cannot run code.
+Invariants:
+
+- Saving is atomic twice over: a step is written into a temporary directory ``.tmp-step_*`` beside the others, the
+  manifest (size and SHA-256 of every other file) written last, the directory fsynced and renamed into place (a
+  directory rename is atomic), and only then is `latest` replaced (`_fsutil.atomic_write_text`). A kill at any
+  point leaves `latest` naming a complete checkpoint; what it leaves behind is removed (or, for a re-save of the same
+  step, restored) by `clean_checkpoint_dir`, which `run_dir.clean_leftovers` calls at the start of a run.
+- Nothing is trusted on load. `latest` must hold one step folder name (``step_<digits>``: no separator, no "..", no
+  absolute path) of a real directory (not a symlink) inside this `checkpoints/`; anything else is an error naming
+  the file, and no other checkpoint is silently taken instead. Every file a load reads is checked against the
+  manifest; a part that was saved but is gone is refused unless the caller allows it (``allow_missing``).
+- No NaN/Inf: `save` refuses (NonFiniteCheckpoint, before writing anything) model, EMA, optimizer or state tensors
+  and optimizer hyper-parameters that are not finite, and `load` refuses a checkpoint holding any.
+- Pruning is crash-safe: a step folder is renamed to a tombstone ``.trash-step_*`` (atomic: from then on it is not a
+  checkpoint) before it is deleted; the newest checkpoint, the one `latest` names and `protect` are never pruned.
+- Format 1 checkpoints (before manifests) still load: verification is skipped, and said once per folder.
+
+Loading reads tensors with safetensors and structure with json: no pickle, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
+import secrets
 import shutil
+import stat
+import sys
 import tempfile
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from vdm_fast._fsutil import atomic_write_text, exchange, fsync_dir, is_atomic_temp
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
-FORMAT = 1
+MANIFEST = "manifest.json"
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+PARTS = ("model", "ema", "optimizer", "state")
+# The files of each part; config.json and state.json are read by every load.
+PART_FILES = {"model": ("model.safetensors",), "ema": ("ema.safetensors",),
+              "optimizer": ("optimizer.json", "optimizer.safetensors"), "state": ("state.safetensors",)}
+ALWAYS = ("state.json", "config.json")
+TMP_PREFIX, OLD_PREFIX, TRASH_PREFIX = ".tmp-", ".tmp-old-", ".trash-"
+_MAX_POINTER = 4096  # a `latest` longer than this is not a step name: do not read a huge file to find out
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or the `latest` pointer) that cannot be trusted; the message names the file."""
+
+
+class NonFiniteCheckpoint(CheckpointError):
+    """NaN or Inf in what a checkpoint would hold (on save) or holds (on load)."""
 
 
 # ---------------------------------------------------------------------------------------------- nested state <-> files
+def _join(prefix: str, k) -> str:
+    return f"{prefix}.{k}" if prefix else str(k)
+
+
 def flatten(obj, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "") -> tuple[object, dict]:
     """Split a nested structure (dicts, lists, tuples, tensors, JSON scalars) into a JSON tree and a flat dict of
-    tensors; the tree holds {"__tensor__": key} where a tensor was. Dicts with non-string keys (an optimizer's state
-    is keyed by parameter index) and tuples are tagged so that `unflatten` restores them exactly."""
+    tensors; the tree holds {"__tensor__": key} where a tensor was, key being the dotted path. Dicts with non-string
+    keys (an optimizer's state is keyed by parameter index) and tuples are tagged so that `unflatten` restores them
+    exactly. Two tensors whose dotted paths coincide ({"a.b": t1, "a": {"b": t2}}, {7: t1, "7": t2}) would overwrite
+    each other: ValueError naming the key."""
     tensors = {} if tensors is None else tensors
     if isinstance(obj, torch.Tensor):
         key = prefix or "tensor"
+        if key in tensors:
+            raise ValueError(f"cannot store two tensors under the key {key!r}: dict keys collide once joined with "
+                             "'.' (e.g. {'a.b': ..., 'a': {'b': ...}} or {7: ..., '7': ...})")
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}, tensors
     if isinstance(obj, dict):
-        items = [(k, flatten(v, tensors, f"{prefix}.{k}" if prefix else str(k))[0]) for k, v in obj.items()]
-        if all(isinstance(k, str) and not k.startswith("__") for k, _ in items):
-            return dict(items), tensors
-        for k, _ in items:
+        for k in obj:
             if not isinstance(k, (str, int, float, bool)) and k is not None:
                 raise TypeError(f"cannot store dict key {k!r} of type {type(k).__name__} at {prefix or 'top level'}")
+        items = [(k, flatten(v, tensors, _join(prefix, k))[0]) for k, v in obj.items()]
+        if all(isinstance(k, str) and not k.startswith("__") for k, _ in items):
+            return dict(items), tensors
         return {"__dict__": [[k, v] for k, v in items]}, tensors
     if isinstance(obj, (list, tuple)):
-        out = [flatten(v, tensors, f"{prefix}.{i}" if prefix else str(i))[0] for i, v in enumerate(obj)]
+        out = [flatten(v, tensors, _join(prefix, i))[0] for i, v in enumerate(obj)]
         return ({"__tuple__": out} if isinstance(obj, tuple) else out), tensors
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj, tensors
@@ -76,63 +126,91 @@ def unflatten(tree, tensors: dict[str, torch.Tensor]):
     return tree
 
 
-# ------------------------------------------------------------------------------------------------------ atomic writes
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# ------------------------------------------------------------------------------------------------------ file helpers
+def write_text_atomic(path, text: str) -> None:
+    """Replace `path` with `text` atomically (kept for callers of the old name; `_fsutil.atomic_write_text`)."""
+    atomic_write_text(path, text)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
+    # Inside the temp step folder, which is itself renamed into place: a plain write + fsync is enough.
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Replace `path` with `text` atomically: a temp file in the same directory, fsync, os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        _write_bytes(Path(tmp), text.encode())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save
+    from safetensors.torch import save  # safetensors: a dependency only checkpoints need
 
     # Clones break any storage sharing between entries, which safetensors refuses.
     _write_bytes(path, save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}))
 
 
 def _load_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # see _save_tensors
 
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors' own errors name no file
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from e
 
 
 def _dump_json(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=False, allow_nan=True).encode()
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(path)!r} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------- finiteness
+def _first_nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    for k, v in tensors.items():
+        if (v.is_floating_point() or v.is_complex()) and v.numel() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
+def _first_nonfinite_scalar(tree, where: str = "") -> str | None:
+    """The dotted path of the first NaN/Inf float in a `flatten` tree (optimizer hyper-parameters: lr, betas...)."""
+    if isinstance(tree, float):
+        return None if math.isfinite(tree) else (where or "top level")
+    if isinstance(tree, dict):
+        if set(tree) == {"__dict__"}:
+            items = [(kv[0], kv[1]) for kv in tree["__dict__"] if isinstance(kv, list) and len(kv) == 2]
+        elif set(tree) == {"__tuple__"}:
+            items = list(enumerate(tree["__tuple__"]))
+        else:
+            items = list(tree.items())
+    elif isinstance(tree, list):
+        items = list(enumerate(tree))
+    else:
+        return None
+    for k, v in items:
+        if (bad := _first_nonfinite_scalar(v, _join(where, k))) is not None:
+            return bad
+    return None
+
+
 # -------------------------------------------------------------------------------------------------------- checkpoints
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint. model / ema: state dicts; optimizer: an optimizer state_dict; state: anything saved."""
+    """A loaded checkpoint. model / ema: state dicts; optimizer: an optimizer state_dict; state: anything saved.
+    saved: the parts the checkpoint holds; verified: whether its files were checked against a manifest."""
 
     path: Path
     step: int
@@ -141,78 +219,171 @@ class Checkpoint:
     ema: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
     state: dict = field(default_factory=dict)
-
-
-def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed into place) under ckpt_dir, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
-    return sorted(out)
+    saved: tuple[str, ...] = ()
+    verified: bool = False
 
 
 def _ckpt_dir(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_dirs(ckpt_dir) -> list[tuple[int, Path]]:
+    """Checkpoints renamed into place under ckpt_dir (real directories named step_<digits>), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
+           if (m := STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink()]
+    return sorted(out)
+
+
+OPTIONAL = ("ema", "optimizer")  # the parts a caller may go on without (a deliberate reset); never model or state
+
+
+def _parts_arg(parts, name: str, choices=PARTS) -> tuple[str, ...]:
+    if isinstance(parts, str):
+        parts = (parts,)
+    parts = tuple(parts)
+    for p in parts:
+        if p not in choices:
+            raise ValueError(f"{name} must hold parts among {choices}, got {p!r}")
+    return parts
+
+
 def save(run_dir, step: int, *, config: dict, model: dict[str, torch.Tensor], ema: dict | None = None,
          optimizer: dict | None = None, state: dict | None = None, keep: int | None = 3) -> Path:
-    """Write checkpoint `step` under run_dir/checkpoints atomically, point `latest` at it, and keep the newest `keep`
-    (None or 0: all). Returns the step directory."""
+    """Write checkpoint `step` under run_dir/checkpoints atomically, point `latest` at it, and `prune` to the newest
+    `keep` (None or 0: keep all). Returns the step directory. Raises NonFiniteCheckpoint, before writing anything,
+    if a tensor or optimizer hyper-parameter is NaN or Inf."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        raise ValueError(f"keep must be None or an int >= 0 (0: keep all), got {keep!r}")
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    # Everything is serialised in memory first: the finiteness checks run before a byte reaches the disk.
+    files: dict[str, bytes] = {}
+    parts = ["model"]
+    blobs = {"model": model, "ema": ema}
+    for part in ("model", "ema"):
+        tensors = blobs[part]
+        if tensors is None and part == "ema":
+            continue
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise TypeError(f"{part} must be a dict of tensors (a state_dict)")
+        if (bad := _first_nonfinite_tensor(tensors)) is not None:
+            raise NonFiniteCheckpoint(f"refusing to save step {step}: {part} tensor {bad!r} holds NaN or Inf")
+        files[f"{part}.safetensors"] = tensors
+        if part == "ema":
+            parts.append("ema")
+    if optimizer is not None:
+        tree, tensors = flatten(optimizer)
+        if (bad := _first_nonfinite_tensor(tensors)) is not None:
+            raise NonFiniteCheckpoint(f"refusing to save step {step}: optimizer tensor {bad!r} holds NaN or Inf")
+        if (bad := _first_nonfinite_scalar(tree)) is not None:
+            raise NonFiniteCheckpoint(f"refusing to save step {step}: optimizer value {bad!r} is NaN or Inf")
+        files["optimizer.safetensors"], files["optimizer.json"] = tensors, _dump_json(tree)
+        parts.append("optimizer")
+    tree, tensors = flatten(state or {})
+    if (bad := _first_nonfinite_tensor(tensors)) is not None:
+        raise NonFiniteCheckpoint(f"refusing to save step {step}: state tensor {bad!r} holds NaN or Inf")
+    parts.append("state")
+    files["state.safetensors"] = tensors
+    files["state.json"] = _dump_json({"format": FORMAT, "step": step, "parts": parts, "state": tree})
+    files["config.json"] = _dump_json(config)
+
     ckpt_dir = _ckpt_dir(run_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for p in ckpt_dir.glob(".tmp-*"):  # left by a save that crashed
-        shutil.rmtree(p, ignore_errors=True)
+    clean_checkpoint_dir(ckpt_dir)  # leftovers of a save that was killed
     name = f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=ckpt_dir))
+    final = ckpt_dir / name
     try:
-        _save_tensors(tmp / "model.safetensors", model)
-        if ema is not None:
-            _save_tensors(tmp / "ema.safetensors", ema)
-        if optimizer is not None:
-            tree, tensors = flatten(optimizer)
-            _save_tensors(tmp / "optimizer.safetensors", tensors)
-            _write_bytes(tmp / "optimizer.json", _dump_json(tree))
-        tree, tensors = flatten(state or {})
-        _save_tensors(tmp / "state.safetensors", tensors)
-        _write_bytes(tmp / "state.json", _dump_json({"format": FORMAT, "step": step, "state": tree}))
-        _write_bytes(tmp / "config.json", _dump_json(config))
+        manifest = {}
+        for fname, content in files.items():
+            if isinstance(content, dict):
+                _save_tensors(tmp / fname, content)
+            else:
+                _write_bytes(tmp / fname, content)
+            manifest[fname] = {"size": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
+        _write_bytes(tmp / MANIFEST, _dump_json({"format": FORMAT, "files": manifest}))
         os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
-        final = ckpt_dir / name
-        if final.exists():  # saving the same step again (e.g. after a resume): swap, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{name}-", dir=ckpt_dir))
-            os.replace(final, old / name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(tmp)
+        if final.exists():  # the same step again (e.g. after a resume): swap in one step where the OS can
+            if exchange(tmp, final):
+                shutil.rmtree(tmp, ignore_errors=True)  # now the old copy, already out of sight
+            else:  # two renames: a kill between them leaves the old copy aside; clean_checkpoint_dir puts it back
+                old = Path(tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{name}-", dir=ckpt_dir))
+                os.replace(final, old / name)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    write_text_atomic(ckpt_dir / LATEST, name + "\n")
-    if keep is not None and keep > 0:
-        for _, p in step_dirs(ckpt_dir)[:-keep]:
-            if p != final:
-                shutil.rmtree(p, ignore_errors=True)
+    atomic_write_text(ckpt_dir / LATEST, name + "\n")
+    if keep:
+        prune(run_dir, keep, protect=final)
     return final
+
+
+# ------------------------------------------------------------------------------------------------- finding a checkpoint
+def _is_step_dir(path: Path) -> bool:
+    return path.is_dir() and (bool(STEP_DIR.match(path.name)) or any(
+        (path / f).exists() for f in (MANIFEST, "state.json", "model.safetensors")))
+
+
+def read_latest(ckpt_dir) -> Path | None:
+    """The step folder `ckpt_dir/latest` names, None if there is no `latest`. CheckpointError (naming the file) for
+    a pointer that is unreadable, is not one step folder name, or names a folder that is not a real directory here:
+    nothing else is substituted for it."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = ckpt_dir / LATEST
+    try:
+        st = os.stat(latest)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CheckpointError(f"{str(latest)!r} cannot be read ({e.strerror})") from None
+    fix = "fix it or delete it (then the newest checkpoint is used)"
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a directory cannot be read
+        raise CheckpointError(f"{str(latest)!r} is not a regular file: {fix}")
+    if st.st_size > _MAX_POINTER:
+        raise CheckpointError(f"{str(latest)!r} is {st.st_size} bytes, not a step folder name: {fix}")
+    try:
+        raw = latest.read_bytes()
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{str(latest)!r} is unreadable (not text, {len(raw)} bytes): {fix}") from None
+    except OSError as e:
+        raise CheckpointError(f"{str(latest)!r} cannot be read ({e.strerror}): {fix}") from None
+    if not STEP_DIR.match(text):
+        raise CheckpointError(f"{str(latest)!r} holds {text[:80]!r}, not a step folder name (step_<digits>, no path): "
+                              f"{fix}")
+    target = ckpt_dir / text
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise CheckpointError(f"{str(latest)!r} names {text!r}, which is not a real directory in {str(ckpt_dir)!r}")
+    if not target.exists():
+        raise CheckpointError(f"{str(latest)!r} names {text!r}, which does not exist in {str(ckpt_dir)!r} (deleted, "
+                              f"or a save was killed: clean_leftovers restores it); {fix}")
+    return target
 
 
 def find(path) -> Path:
     """The checkpoint directory `path` names: a step directory, a checkpoints directory or a run directory (then the
-    one `latest` names, else the newest complete one). FileNotFoundError if there is none."""
+    one `latest` names, else the newest complete one). FileNotFoundError if there is none; CheckpointError for a
+    `latest` that cannot be trusted (`read_latest`)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file() and (path / "state.json").is_file():
+    if path.name != "checkpoints" and _is_step_dir(path) and not (path / "checkpoints").is_dir():
         return path
     ckpt_dir = path if path.name == "checkpoints" else _ckpt_dir(path)
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        target = ckpt_dir / latest.read_text().strip()
-        if STEP_DIR.match(target.name) and target.is_dir():
-            return target
+    target = read_latest(ckpt_dir)
+    if target is not None:
+        return target
     dirs = step_dirs(ckpt_dir)
     if dirs:
         return dirs[-1][1]
@@ -220,30 +391,270 @@ def find(path) -> Path:
 
 
 def exists(run_dir) -> bool:
+    """Whether `run_dir` holds a checkpoint (or a `latest` pointer, even an untrustworthy one)."""
     try:
         find(run_dir)
         return True
     except FileNotFoundError:
         return False
+    except CheckpointError:
+        return True
 
 
-def load(path, *, map_location="cpu", parts=("model", "ema", "optimizer", "state")) -> Checkpoint:
-    """Load the checkpoint `find(path)` names; `parts` picks what to read (config and step always)."""
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def find_resume(run, last_good: bool = False, *, log=_say) -> Path:
+    """The checkpoint to resume `run` from: the one `latest` names (else the newest). With last_good=True, the newest
+    intact one at or before it (`verify`), saying which it took and why newer ones were skipped. FileNotFoundError if
+    there is none (or none intact); CheckpointError for an untrustworthy `latest`, whatever last_good says."""
+    chosen = find(run)
+    if not last_good:
+        return chosen
+    ckpt_dir = chosen.parent
+    candidates = [p for s, p in reversed(step_dirs(ckpt_dir)) if s <= _step_of(chosen)] or [chosen]
+    skipped = []
+    for p in candidates:
+        try:
+            verify(p)
+        except CheckpointError as e:
+            skipped.append(f"{p.name} ({e})")
+            continue
+        if skipped:
+            log(f"resuming from the last good checkpoint {str(p)!r}; skipped: " + "; ".join(skipped))
+        else:
+            log(f"resuming from {str(p)!r} (verified)")
+        return p
+    raise FileNotFoundError(f"no intact checkpoint in {str(ckpt_dir)!r}: " + "; ".join(skipped))
+
+
+def _step_of(path: Path) -> int:
+    m = STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else sys.maxsize
+
+
+# ---------------------------------------------------------------------------------------------------------- verifying
+_WARNED_UNVERIFIED: set[str] = set()
+# Step folders hashed in this process, with the (size, mtime_ns, inode) of each file then: a load right after
+# find_resume(last_good=True) does not hash a big checkpoint twice.
+_VERIFIED: dict[tuple[str, str], tuple] = {}
+
+
+def _stat_key(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _meta(d: Path) -> dict:
+    meta = _read_json(d / "state.json")
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise CheckpointError(f"{str(d / 'state.json')!r}: unknown checkpoint format {got!r} (this code reads "
+                              f"{', '.join(map(str, READABLE_FORMATS))})")
+    if isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise CheckpointError(f"{str(d / 'state.json')!r}: step must be an int >= 0, got {meta.get('step')!r}")
+    if (m := STEP_DIR.match(d.name)) and int(m.group(1)) != meta["step"]:
+        raise CheckpointError(f"{str(d / 'state.json')!r} says step {meta['step']} but its folder is {d.name!r}")
+    return meta
+
+
+def _saved_parts(d: Path, meta: dict) -> tuple[str, ...]:
+    if meta["format"] >= 2:
+        parts = meta.get("parts")
+        if not isinstance(parts, list) or "model" not in parts or "state" not in parts or not set(parts) <= set(PARTS):
+            raise CheckpointError(f"{str(d / 'state.json')!r}: bad list of saved parts {parts!r}")
+        return tuple(p for p in PARTS if p in parts)
+    # Format 1 recorded nothing: a part is saved where any of its files is (a half-present part is then refused).
+    return tuple(p for p in PARTS if p in ("model", "state") or any((d / f).exists() for f in PART_FILES[p]))
+
+
+def verify(path, parts=PARTS, *, allow_missing=()) -> bool:
+    """Check the files of checkpoint `path` that `parts` need (config.json and state.json always) against its
+    manifest: present, regular files, sizes and SHA-256. True if verified, False for a format 1 checkpoint (no
+    manifest: nothing to check against). CheckpointError naming the file otherwise. Saved parts in `allow_missing`
+    may be absent (all their files gone); a present file is checked all the same."""
     d = find(path)
-    meta = json.loads((d / "state.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{str(d)!r}: unknown checkpoint format {meta.get('format')!r} (this code reads {FORMAT})")
-    ck = Checkpoint(path=d, step=int(meta["step"]), config=json.loads((d / "config.json").read_text()))
+    parts, allow = _parts_arg(parts, "parts"), _parts_arg(allow_missing, "allow_missing", OPTIONAL)
+    names = {n: "" for n in ALWAYS}  # file -> the part it belongs to
+
+    def missing(n: str) -> CheckpointError:
+        part = names[n]
+        hint = f"; pass allow_missing=({part!r},) to go on without it" if part in ("ema", "optimizer") else ""
+        return CheckpointError(f"{str(d / n)!r} is missing: the checkpoint lacks its {part or n}{hint}")
+
+    def needed(meta: dict) -> list[str]:
+        saved = _saved_parts(d, meta)
+        for p in parts:
+            if p not in saved:
+                continue
+            present = [f for f in PART_FILES[p] if (d / f).exists() or (d / f).is_symlink()]
+            if not present and p in allow:
+                continue
+            names.update((f, p) for f in PART_FILES[p])
+        return [n for n in names if n not in ALWAYS]
+
+    if not (d / MANIFEST).exists() and not (d / MANIFEST).is_symlink():
+        meta = _meta(d)
+        if meta["format"] >= 2:
+            raise CheckpointError(f"{str(d / MANIFEST)!r} is missing: the checkpoint cannot be verified")
+        for n in [*ALWAYS, *needed(meta)]:
+            if not (d / n).exists():
+                raise missing(n)
+        return False
+    manifest = _read_json(d / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{str(d / MANIFEST)!r} holds no file list")
+
+    def check(n: str) -> None:
+        f = d / n
+        entry = files.get(n)
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{str(f)!r} is not in the manifest {str(d / MANIFEST)!r}")
+        try:
+            st = os.lstat(f)
+        except FileNotFoundError:
+            raise missing(n) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{str(f)!r} is not a regular file")
+        if st.st_size != entry.get("size"):
+            raise CheckpointError(f"{str(f)!r} has {st.st_size} bytes, the manifest says {entry.get('size')}")
+        key, sig = (str(d.resolve()), n), _stat_key(f)
+        if _VERIFIED.get(key) == sig:
+            return
+        if _sha256(f) != entry.get("sha256"):
+            raise CheckpointError(f"{str(f)!r} fails verification: its SHA-256 differs from the manifest's "
+                                  "(corrupted or modified)")
+        _VERIFIED[key] = sig
+
+    for n in ALWAYS:  # before state.json is parsed: a flipped byte there must read as corruption, not bad JSON
+        check(n)
+    for n in needed(_meta(d)):
+        check(n)
+    return True
+
+
+def load(path, *, map_location="cpu", parts=PARTS, allow_missing=()) -> Checkpoint:
+    """Load the checkpoint `find(path)` names after `verify`ing the files `parts` need (config and step always).
+    A part that was never saved comes back None; a saved part whose files are gone is an error unless it is in
+    `allow_missing` (e.g. ("optimizer",) to reset Adam on purpose), then None with a message. CheckpointError for a
+    checkpoint failing verification, NonFiniteCheckpoint for NaN/Inf in it, each naming the file."""
+    d = find(path)
+    parts, allow = _parts_arg(parts, "parts"), _parts_arg(allow_missing, "allow_missing", OPTIONAL)
+    verified = verify(d, parts, allow_missing=allow)
+    if not verified and str(d) not in _WARNED_UNVERIFIED:
+        _WARNED_UNVERIFIED.add(str(d))
+        warnings.warn(f"{str(d)!r} is a format 1 checkpoint (no manifest): loaded without verification",
+                      stacklevel=2)
+    meta = _meta(d)
+    saved = _saved_parts(d, meta)
+    ck = Checkpoint(path=d, step=int(meta["step"]), config=_read_json(d / "config.json"), saved=saved,
+                    verified=verified)
+
+    def absent(part: str) -> bool:
+        if part not in saved:
+            return True
+        if any((d / f).exists() for f in PART_FILES[part]):
+            return False
+        # verify let it through: all its files are gone and the caller allowed that
+        _say(f"{str(d)!r}: its {part} is missing (allowed): going on without it")
+        return True
+
+    def checked(tensors: dict, fname: str) -> dict:
+        if (bad := _first_nonfinite_tensor(tensors)) is not None:
+            raise NonFiniteCheckpoint(f"{str(d / fname)!r}: tensor {bad!r} holds NaN or Inf")
+        return tensors
+
     if "model" in parts:
-        ck.model = _load_tensors(d / "model.safetensors", map_location)
-    if "ema" in parts and (d / "ema.safetensors").is_file():
-        ck.ema = _load_tensors(d / "ema.safetensors", map_location)
-    if "optimizer" in parts and (d / "optimizer.json").is_file():
-        ck.optimizer = unflatten(json.loads((d / "optimizer.json").read_text()),
-                                 _load_tensors(d / "optimizer.safetensors", map_location))
+        ck.model = checked(_load_tensors(d / "model.safetensors", map_location), "model.safetensors")
+    if "ema" in parts and not absent("ema"):
+        ck.ema = checked(_load_tensors(d / "ema.safetensors", map_location), "ema.safetensors")
+    if "optimizer" in parts and not absent("optimizer"):
+        tree = _read_json(d / "optimizer.json")
+        if (bad := _first_nonfinite_scalar(tree)) is not None:
+            raise NonFiniteCheckpoint(f"{str(d / 'optimizer.json')!r}: {bad!r} is NaN or Inf")
+        tensors = checked(_load_tensors(d / "optimizer.safetensors", map_location), "optimizer.safetensors")
+        ck.optimizer = _unflatten_checked(tree, tensors, d / "optimizer.json")
     if "state" in parts:
-        ck.state = unflatten(meta["state"], _load_tensors(d / "state.safetensors", "cpu"))
+        tensors = checked(_load_tensors(d / "state.safetensors", "cpu"), "state.safetensors")
+        ck.state = _unflatten_checked(meta.get("state", {}), tensors, d / "state.json")
     return ck
+
+
+def _unflatten_checked(tree, tensors: dict, where: Path):
+    try:
+        return unflatten(tree, tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(where)!r} does not match its tensors ({type(e).__name__}: {e})") from None
+
+
+# -------------------------------------------------------------------------------------------- pruning and leftovers
+def _protected(ckpt_dir: Path, protect) -> set[Path]:
+    if protect is None:
+        protect = ()
+    elif isinstance(protect, (str, os.PathLike, int)) and not isinstance(protect, bool):
+        protect = (protect,)
+    out = set()
+    for p in protect:
+        if isinstance(p, bool) or not isinstance(p, (str, os.PathLike, int)):
+            raise TypeError(f"protect must be step numbers or paths, got {type(p).__name__}")
+        out.add((ckpt_dir / f"step_{p:08d}") if isinstance(p, int) else Path(p))
+    return {p.resolve() for p in out}
+
+
+def prune(run, keep: int, protect: Path | int | Iterable | None = None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints of `run`, crash-safely: each is renamed to a tombstone first (an
+    atomic rename: a kill leaves it either a whole checkpoint or no checkpoint at all), then deleted. Never removes
+    the newest checkpoint, the one `latest` names, nor `protect` (step folders or step numbers). Returns what was
+    deleted."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    run = Path(run)
+    ckpt_dir = run if run.name == "checkpoints" else _ckpt_dir(run)
+    keep_set = _protected(ckpt_dir, protect)
+    try:
+        if (target := read_latest(ckpt_dir)) is not None:
+            keep_set.add(target.resolve())
+    except CheckpointError:
+        pass  # an untrustworthy pointer protects nothing, but pruning never touches the newest anyway
+    removed = []
+    for _, p in step_dirs(ckpt_dir)[:-keep]:
+        if p.resolve() in keep_set:
+            continue
+        tomb = ckpt_dir / f"{TRASH_PREFIX}{p.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        os.replace(p, tomb)
+        fsync_dir(ckpt_dir)
+        shutil.rmtree(tomb, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def clean_checkpoint_dir(ckpt_dir) -> list[str]:
+    """Remove what a killed save or prune leaves in `ckpt_dir` (temp step folders, tombstones, temp pointer files),
+    and put back a step folder that a killed re-save of the same step had moved aside. Only for a run no other
+    process is writing (hold its `run_dir.RunLock`). Returns the paths removed or restored."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    done = []
+    for p in sorted(ckpt_dir.iterdir()):
+        name = p.name
+        if name.startswith(OLD_PREFIX) and p.is_dir() and not p.is_symlink():
+            for inner in p.iterdir():  # the old copy of a step whose new copy may not be in place yet
+                if STEP_DIR.match(inner.name) and not (ckpt_dir / inner.name).exists():
+                    os.replace(inner, ckpt_dir / inner.name)
+                    done.append(f"{ckpt_dir / inner.name} (restored)")
+        if name.startswith((TMP_PREFIX, TRASH_PREFIX)) or (name.startswith(f".{LATEST}.") and name.endswith(".tmp")) \
+                or is_atomic_temp(name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            done.append(str(p))
+    if done:
+        fsync_dir(ckpt_dir)
+    return done
 
 
 # --------------------------------------------------------------------------------------------------------- RNG states
