@@ -26,6 +26,7 @@ The graph assumes the model is a pure function of its inputs (no state changing 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -37,6 +38,11 @@ from vdm_fast.diffusion import guidance, samplers
 from vdm_fast.diffusion.samplers import ALPHA, LOGSNR, SIGMA
 
 WARMUP_STEPS = 2
+# Upper bounds of sample()'s scalars: far beyond any useful value, and small enough that the fp32 coefficients and
+# the samples stay finite (guidance_weight 1e308 overflows (1 + w) pred in fp32; delta > 1 makes Langevin diverge).
+MAX_GUIDANCE_WEIGHT = 1e3
+MAX_LANGEVIN_DELTA = 1.0
+MAX_W_R = 1e4
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Plan:
     device: torch.device
     steps: int
     sampler: str
+    timesteps: str
     corrector_steps: int
     clip: bool
     w: float
@@ -72,22 +79,26 @@ class Plan:
 
     @property
     def noise_slots(self) -> int:
-        ancestral = 1 if self.sampler in ("ancestral", "pc") else 0
-        return self.draws_per_call + ancestral + self.corrector_steps * (self.draws_per_call + 1)
+        noisy = 1 if self.sampler in samplers.NOISY else 0
+        return self.draws_per_call + noisy + self.corrector_steps * (self.draws_per_call + 1)
+
+    @property
+    def history(self) -> int:
+        return samplers.HISTORY[self.sampler]
 
 
 def _number(v, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     v = float(v)
-    if v != v or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+    if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise ValueError(f"{name} must be in {rng}, got {v}")
     return v
 
 
-def make_plan(diffusion, shape, *, steps, sampler, gamma, corrector_steps, langevin_delta, cond, guidance_weight,
-              x_a, a_mask, x_lowres, conditioning, w_r, clip, generator, progress, cuda_graph, device,
+def make_plan(diffusion, shape, *, steps, sampler, timesteps, gamma, corrector_steps, langevin_delta, cond,
+              guidance_weight, x_a, a_mask, x_lowres, conditioning, w_r, clip, generator, progress, cuda_graph, device,
               model_kw) -> Plan:
     """Validate sample()'s arguments (ValueError / TypeError naming the argument) and build the device tables."""
     if isinstance(shape, torch.Size):
@@ -98,15 +109,18 @@ def make_plan(diffusion, shape, *, steps, sampler, gamma, corrector_steps, lange
     shape = tuple(shape)
     _checks.positive_int(steps, "steps")
     sampler = samplers.check_sampler(sampler)
+    timesteps = samplers.check_timesteps(timesteps, sampler)
     gamma = _number(gamma, "gamma", 0.0, 1.0)
+    if corrector_steps is None:  # pc's default: one Langevin step per step (the CLI's default too)
+        corrector_steps = 1 if sampler == "pc" else 0
     _checks.positive_int(corrector_steps, "corrector_steps", minimum=0)
     if sampler == "pc" and corrector_steps < 1:
         raise ValueError("corrector_steps must be >= 1 with sampler='pc' (its Langevin steps per step)")
     if sampler != "pc" and corrector_steps:
         raise ValueError(f"corrector_steps must be 0 with sampler={sampler!r} (use sampler='pc')")
-    langevin_delta = _number(langevin_delta, "langevin_delta", 0.0, None, lo_open=True)
-    w = _number(guidance_weight, "guidance_weight")
-    w_r = _number(w_r, "w_r", 0.0)
+    langevin_delta = _number(langevin_delta, "langevin_delta", 0.0, MAX_LANGEVIN_DELTA, lo_open=True)
+    w = _number(guidance_weight, "guidance_weight", -1.0, MAX_GUIDANCE_WEIGHT)
+    w_r = _number(w_r, "w_r", 0.0, MAX_W_R)
     if not isinstance(clip, bool):
         raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
@@ -137,12 +151,12 @@ def make_plan(diffusion, shape, *, steps, sampler, gamma, corrector_steps, lange
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     sched = diffusion.schedule
-    pred_table = samplers.predictor_table(sched, steps, "ddim" if sampler == "ddim" else "ancestral", gamma)
-    corr_table = samplers.corrector_table(sched, steps, langevin_delta)
+    pred_table = samplers.predictor_table(sched, steps, sampler, gamma, timesteps)
+    corr_table = samplers.corrector_table(sched, steps, langevin_delta, timesteps)
     return Plan(
         model=diffusion.model, prediction=diffusion.prediction, shape=shape, device=device, steps=steps,
-        sampler=sampler, corrector_steps=corrector_steps, clip=clip, w=w, cond=cond, cfg_mask=cfg_mask,
-        frames=frames, lowres=lowres, w_r=w_r, pred_table=pred_table.to(device, torch.float32),
+        sampler=sampler, timesteps=timesteps, corrector_steps=corrector_steps, clip=clip, w=w, cond=cond,
+        cfg_mask=cfg_mask, frames=frames, lowres=lowres, w_r=w_r, pred_table=pred_table.to(device, torch.float32),
         corr_table=corr_table.to(device, torch.float32), generator=generator, progress=progress,
         cuda_graph=cuda_graph, model_kw=model_kw)
 
@@ -157,6 +171,10 @@ class Stepper:
         self.noise = torch.empty((p.noise_slots, *p.shape), device=p.device, dtype=torch.float32)
         self.x_hat = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
         self.eps = torch.zeros(p.shape, device=p.device, dtype=torch.float32) if p.corrector_steps else None
+        # The multistep solvers' previous x_hat, newest first: static, so a replayed graph reads and shifts it. Zero
+        # at the start: the first rows' history coefficients are 0 (order 1), and 0 * 0 stays 0.
+        self.history = (torch.zeros((p.history, *p.shape), device=p.device, dtype=torch.float32)
+                        if p.history else None)
 
     def draw(self) -> None:
         if self.noise.shape[0]:
@@ -164,7 +182,7 @@ class Stepper:
 
     def step(self, row_p: torch.Tensor, row_c: torch.Tensor, final: bool) -> None:
         p = self.plan
-        slot = self._call_and_update(row_p, False, 0, p.sampler != "ddim")
+        slot = self._call_and_update(row_p, False, 0, p.sampler in samplers.NOISY)
         if not final:
             for _ in range(p.corrector_steps):
                 slot = self._call_and_update(row_c, True, slot, True)
@@ -177,6 +195,7 @@ class Stepper:
             slot += 1
         logsnr = row[LOGSNR].expand(p.shape[0]).contiguous()
         out_e = self.eps if corrector else self.x_hat
+        hist = None if corrector else self.history
         noise = None
         if noisy:
             noise, slot = self.noise[slot], slot + 1
@@ -185,11 +204,11 @@ class Stepper:
                                     cfg_mask=p.cfg_mask, model_kw=p.model_kw, frames=p.frames, lowres=p.lowres,
                                     w_r=p.w_r)
             samplers.update_(z, x_t, None, row, noise, w=0.0, prediction="x", corrector=corrector, clip=p.clip,
-                             out_e=out_e)
+                             out_e=out_e, history=hist)
         else:
             pred, pred_u = guidance.predict(p.model, z, logsnr, p.cond, p.w, p.cfg_mask, p.model_kw)
             samplers.update_(z, pred, pred_u, row, noise, w=p.w, prediction=p.prediction, corrector=corrector,
-                             clip=p.clip, out_e=out_e)
+                             clip=p.clip, out_e=out_e, history=hist)
         return slot
 
     def result(self) -> torch.Tensor:

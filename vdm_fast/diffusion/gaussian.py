@@ -123,32 +123,39 @@ class GaussianDiffusion(torch.nn.Module):
         return self.loss(x, cond, **kw)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
-    def sample(self, shape, *, steps: int = 256, sampler: str = "ancestral", gamma: float = 0.3,
-               corrector_steps: int = 0, langevin_delta: float = 0.1, cond: torch.Tensor | None = None,
-               guidance_weight: float = 0.0, x_a: torch.Tensor | None = None, a_mask: torch.Tensor | None = None,
-               x_lowres: torch.Tensor | None = None, conditioning: str = "reconstruction", w_r: float = 1.0,
-               clip: bool = True, generator: torch.Generator | None = None, progress: bool = True,
-               cuda_graph: bool | None = None, device: torch.device | str | None = None,
-               **model_kw) -> torch.Tensor:
+    def sample(self, shape, *, steps: int = 256, sampler: str = "ancestral", timesteps: str | None = None,
+               gamma: float = 0.3, corrector_steps: int | None = None, langevin_delta: float = 0.1,
+               cond: torch.Tensor | None = None, guidance_weight: float = 0.0, x_a: torch.Tensor | None = None,
+               a_mask: torch.Tensor | None = None, x_lowres: torch.Tensor | None = None,
+               conditioning: str = "reconstruction", w_r: float = 1.0, clip: bool = True,
+               generator: torch.Generator | None = None, progress: bool = True, cuda_graph: bool | None = None,
+               device: torch.device | str | None = None, **model_kw) -> torch.Tensor:
         """Draw samples of `shape` (video: (B, C, T, H, W)); returns x in [-1, 1] (unclipped when clip=False).
 
-        sampler: "ancestral" (variance (sigma~^2_{s|t})^(1-gamma) (sigma^2_{t|s})^gamma), "ddim" (eta = 0) or "pc"
-        (ancestral + `corrector_steps` >= 1 Langevin steps of size `langevin_delta` after each step but the last).
-        cond + guidance_weight w: classifier-free guidance (1 + w) pred(z, cond) - w pred(z, None), both branches
-        in one model call of batch 2B. x_a + a_mask (bool (T,)): frames given (x_a (B, C, A, H, W) in a_mask's
-        order, or a full video of which the marked frames are read); conditioning "reconstruction" (the paper's
-        reconstruction guidance with weight w_r, plus replacement of z^a) or "replacement" (baseline). x_lowres
-        (B, C, T, h, w): spatial super-resolution by reconstruction guidance. The returned video holds x_a at the
-        marked frames. All noise comes from `generator`. cuda_graph (default: on for CUDA) captures each step in
-        a CUDA graph; see fast_loop.py for what falls back to eager and why (reported in self.last_sample_info).
+        steps: model calls (pc: times 1 + corrector_steps). sampler (vdm_fast.diffusion.SAMPLERS): "ancestral"
+        (variance (sigma~^2_{s|t})^(1-gamma) (sigma^2_{t|s})^gamma, gamma in [0, 1]), "ddim" (eta = 0), "pc"
+        (ancestral + `corrector_steps` Langevin steps of size `langevin_delta` in (0, 1] after each step but the
+        last; default 1), or DPM-Solver++ "dpmpp_2m" (2nd-order multistep ODE, the fast default: 25 steps),
+        "dpmpp_3m" (3rd order) and "dpmpp_2m_sde" (2nd-order SDE). timesteps (TIMESTEPS): the step grid,
+        "uniform" in t, "logsnr" or "karras"; None picks the sampler's default (samplers.DEFAULT_TIMESTEPS, with
+        the reasons). cond + guidance_weight w in [-1, 1000]: classifier-free guidance (1 + w) pred(z, cond) -
+        w pred(z, None), both branches in one model call of batch 2B. x_a + a_mask (bool (T,)): frames given
+        (x_a (B, C, A, H, W) in a_mask's order, or a full video of which the marked frames are read);
+        conditioning "reconstruction" (the paper's reconstruction guidance with weight w_r in [0, 1e4], plus
+        replacement of z^a) or "replacement" (baseline). x_lowres (B, C, T, h, w): spatial super-resolution by
+        reconstruction guidance. With the multistep samplers the guided prediction x~ is the solver's data
+        prediction: it enters the update and the history like an unguided x_hat. The returned video holds x_a at
+        the marked frames. All noise comes from `generator`. cuda_graph (default: on for CUDA) captures each step
+        in a CUDA graph; see fast_loop.py for what falls back to eager and why (in self.last_sample_info).
         Other keywords go to the model unchanged.
         """
-        dev = torch.device(device) if device is not None else guidance.default_device(self.model, cond, x_a, x_lowres)
+        dev = guidance.sampling_device(device, self.model, cond, x_a, x_lowres)
         plan = fast_loop.make_plan(
-            self, shape, steps=steps, sampler=sampler, gamma=gamma, corrector_steps=corrector_steps,
-            langevin_delta=langevin_delta, cond=cond, guidance_weight=guidance_weight, x_a=x_a, a_mask=a_mask,
-            x_lowres=x_lowres, conditioning=conditioning, w_r=w_r, clip=clip, generator=generator,
-            progress=progress, cuda_graph=cuda_graph, device=dev, model_kw=model_kw)
+            self, shape, steps=steps, sampler=sampler, timesteps=timesteps, gamma=gamma,
+            corrector_steps=corrector_steps, langevin_delta=langevin_delta, cond=cond,
+            guidance_weight=guidance_weight, x_a=x_a, a_mask=a_mask, x_lowres=x_lowres, conditioning=conditioning,
+            w_r=w_r, clip=clip, generator=generator, progress=progress, cuda_graph=cuda_graph, device=dev,
+            model_kw=model_kw)
         out, info = fast_loop.run(plan)
         self.last_sample_info = info
         return out

@@ -160,6 +160,24 @@ def default_device(model, *tensors) -> torch.device:
     return torch.device("cpu")
 
 
+def sampling_device(device, model, *tensors) -> torch.device:
+    """The device to sample on: `device` if given (checked: it must exist and hold data), else default_device."""
+    if device is None:
+        dev = default_device(model, *tensors)
+    else:
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device must name a torch device, got {device!r} ({e})") from None
+    if dev.type == "meta":
+        raise ValueError("device='meta' cannot sample: meta tensors hold no values (use 'cpu' or 'cuda')")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={str(dev)!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return dev
+
+
 def extend(diffusion, video: torch.Tensor, num_frames: int, *, window: int = 16, overlap: int | None = None,
            **sample_kw) -> torch.Tensor:
     """See GaussianDiffusion.extend."""
@@ -176,8 +194,7 @@ def extend(diffusion, video: torch.Tensor, num_frames: int, *, window: int = 16,
     for k in ("x_a", "a_mask", "positions", "x_lowres"):
         if k in sample_kw:
             raise TypeError(f"extend sets {k} itself: do not pass it")
-    dev = torch.device(sample_kw["device"]) if sample_kw.get("device") is not None else default_device(
-        diffusion.model, sample_kw.get("cond"), video)
+    dev = sampling_device(sample_kw.get("device"), diffusion.model, sample_kw.get("cond"), video)
     out = video.float()
     while out.shape[2] < num_frames:
         cur = out.shape[2]

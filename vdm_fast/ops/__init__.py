@@ -3,11 +3,16 @@ vdm_fast.reference, fast code (Triton in vdm_fast.kernels, or the compiled vdm_f
 (vdm_fast._dispatch), a torch.library registration with fake and autograd implementations, and checked arguments.
 """
 
+from vdm_fast.ops.diffusion_update import diffusion_update
 from vdm_fast.ops.group_norm_silu import group_norm_silu
 from vdm_fast.ops.rel_pos_bias import rel_pos_bias
 
-__all__ = ["group_norm_silu", "rel_pos_bias"]
+__all__ = ["diffusion_update", "group_norm_silu", "rel_pos_bias"]
 
-from vdm_fast.ops.temporal_attention import joint_video_image_mask, temporal_attention  # noqa: E402
+from vdm_fast.ops.temporal_attention import (  # noqa: E402
+    joint_video_image_mask,
+    temporal_attention,
+    temporal_attention_packed,
+)
 
-__all__ += ["temporal_attention", "joint_video_image_mask"]
+__all__ += ["temporal_attention", "temporal_attention_packed", "joint_video_image_mask"]
