@@ -235,13 +235,14 @@ def truncate_log(path, step: int) -> list[dict]:
 
 class LogWriter:
     """Append JSON rows to `path`, one ``write`` each (a kill can tear only the last line). Opening a file whose last
-    line is torn drops that line first (with a warning). `fsync()` at checkpoints makes the rows so far durable."""
+    line is torn drops that line first (with a warning). `fsync()` at checkpoints makes the rows so far durable. If the
+    file is replaced meanwhile (`truncate_log`), the next row goes to the new file."""
 
     def __init__(self, path):
         self.path = _as_path(path)
         rows, good, terminated, torn = _split_log(self.path)  # raises on corruption before the last line
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._fd = self._open()
         if torn:
             warnings.warn(f"{str(self.path)!r}: dropping the torn last {torn} before appending", RuntimeWarning,
                           stacklevel=2)
@@ -257,11 +258,26 @@ class LogWriter:
         if not isinstance(row, dict):
             raise TypeError(f"row must be a dict, got {type(row).__name__}")
         line = (json.dumps(row) + "\n").encode()
+        self._follow_replacement()
         view = memoryview(line)
         while view:  # os.write may write less than asked (signals, a full disk): finish the line or raise
             n = os.write(self._fd, view)
             view = view[n:]
         self.rows += 1
+
+    def _follow_replacement(self) -> None:
+        # truncate_log (or any atomic rewrite) replaces the file: appending to the old, unlinked inode would lose
+        # every row from then on, silently. Follow the path instead.
+        try:
+            same = os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(self._fd)
+            self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o644)
 
     def fsync(self) -> None:
         if self._fd is not None:
