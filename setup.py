@@ -151,17 +151,22 @@ setup(
     package_dir={"vdm_fast.kernels": "kernels", "vdm_fast.benchmarks": "benchmarks"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt},
+    # Light core dependencies: torch is whatever build the user installed first (the CPU wheel, or a CUDA build that
+    # brings its own triton); pillow writes GIF/PNG samples. triton is no core dependency: CUDA builds of torch pin
+    # the one they were built with, and a CPU user needs it only for the interpreter tests (the `test` extra).
+    # CI tests torch 2.13.0 with triton 3.6.0.
     install_requires=[
         "torch>=2.6",
-        "triton>=3.2; platform_system == 'Linux'",
         "numpy",
         "safetensors>=0.4",
         "tqdm",
+        "pillow>=9.1",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "ruff", "imageio>=2.30", "imageio-ffmpeg", "av",
-                 "pillow", "matplotlib"],
-        "video": ["imageio>=2.30", "imageio-ffmpeg", "av", "pillow"],
+                 "matplotlib", "triton>=3.2; platform_system == 'Linux'"],
+        "gpu": ["triton>=3.2; platform_system == 'Linux'"],
+        "video": ["imageio>=2.30", "imageio-ffmpeg", "av"],
         "plot": ["matplotlib"],
         "peers": PEERS,
     },

@@ -1,7 +1,12 @@
-"""Timing and bookkeeping shared by the benchmark modules.
+"""Timing and bookkeeping shared by the benchmark modules (each `bench_<op>.py` has `run(quick) -> rows`).
 
-GPU timings are medians of device-event timings after warm-up (`triton.testing.do_bench`, return_mode="median");
-CPU timings are medians of wall-clock repeats. Every contender is checked against ours before it is timed.
+A timing is the median of repeated runs after warm-up, returned as a `Timing`: a float (milliseconds, so modules use
+it as a number) that also carries the repeats' min, quartiles, max and count, which `row` copies into the result.
+GPU repeats are device-event timings (`triton.testing.do_bench`, every repeat kept); CPU repeats are wall-clock
+runs of fn(), at least `settings.repeats` of them and more while a time budget lasts. A row's spread is the
+interquartile range over the median; above NOISY_SPREAD the row is flagged as noisy (a busy machine, or an op too
+short for the clock), because a speedup inside that spread is not a measurement. Every contender is checked against
+ours before it is timed.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,22 +25,61 @@ GPU = torch.cuda.is_available()
 NOT_RUN_GPU = "not run: Triton kernels need a CUDA GPU"
 
 
-def time_ms(fn: Callable[[], Any], *, quick: bool = False, device: str | None = None) -> float:
-    """Median milliseconds of fn() after warm-up: device events on CUDA, wall clock on CPU."""
+NOISY_SPREAD = 0.10  # interquartile range / median above which a timing is flagged
+
+
+@dataclass
+class Settings:
+    """Set by `vdm-fast bench` (--repeats) before the modules run."""
+
+    repeats: int = 7  # at least this many timed runs per CPU timing (GPU: do_bench's own count, always more)
+
+
+settings = Settings()
+
+
+class Timing(float):
+    """A median in milliseconds that carries its repeats (min, q1, q3, max, n); arithmetic gives plain floats."""
+
+    min: float
+    q1: float
+    q3: float
+    max: float
+    n: int
+
+    def __new__(cls, samples):
+        xs = sorted(float(x) for x in samples)
+        if not xs:
+            raise ValueError("Timing needs at least one sample")
+        t = super().__new__(cls, statistics.median(xs))
+        q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+        t.min, t.q1, t.q3, t.max, t.n = xs[0], q[0], q[2], xs[-1], len(xs)
+        return t
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median."""
+        return (self.q3 - self.q1) / float(self) if float(self) > 0 else 0.0
+
+
+def time_ms(fn: Callable[[], Any], *, quick: bool = False, device: str | None = None) -> Timing:
+    """Median milliseconds of fn() after warm-up, with the repeats' spread: device events on CUDA, wall clock on CPU."""
     device = device or ("cuda" if GPU else "cpu")
     if device == "cuda":
         import triton.testing
 
         warmup, rep = (10, 40) if quick else (25, 200)
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        return Timing(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="all"))
     fn()  # warm-up: first-call work (allocation, compilation) stays out of the numbers
     times = []
-    deadline = time.perf_counter() + (0.5 if quick else 2.0)
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+    budget = 0.5 if quick else 2.0
+    cap = max(settings.repeats, 50)
+    deadline = time.perf_counter() + budget
+    while len(times) < settings.repeats or (time.perf_counter() < deadline and len(times) < cap):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return Timing(times)
 
 
 def peak_memory_mb(fn: Callable[[], Any]) -> float | None:
@@ -56,16 +101,66 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> 
         raise AssertionError(f"{name}: relative error {err:.2e} > {tol:.0e} against vdm_fast")
 
 
+def _spread_fields(prefix: str, t) -> dict:
+    if isinstance(t, Timing):
+        return {f"{prefix}_min": t.min, f"{prefix}_q1": t.q1, f"{prefix}_q3": t.q3, f"{prefix}_max": t.max,
+                f"{prefix}_repeats": t.n, f"{prefix}_spread": t.spread}
+    return {f"{prefix}_min": None, f"{prefix}_q1": None, f"{prefix}_q3": None, f"{prefix}_max": None,
+            f"{prefix}_repeats": None, f"{prefix}_spread": None}
+
+
 def row(op: str, shape: Any, dtype: Any, contender: str, ms: float | None, *, baseline_ms: float | None = None,
-        bytes_moved: float | None = None, peak_mb: float | None = None, note: str = "") -> dict:
-    """One result row. speedup = baseline_ms / ms (how many times faster ours is than the baseline)."""
+        bytes_moved: float | None = None, peak_mb: float | None = None, note: str = "", layout: str | None = None,
+        device: str | None = None) -> dict:
+    """One result row. speedup = baseline_ms / ms (how many times faster ours is than the baseline).
+
+    ms and baseline_ms given as Timings add their spread (`ms_min` ... `ms_spread`, `baseline_ms_*`); the speedup's
+    range (`speedup_low`, `speedup_high`: baseline q1 / ours q3 and baseline q3 / ours q1) and `noisy` follow.
+    `threads` is torch's intra-op thread count for CPU rows. Modules that build their own dicts get the same
+    fields filled in by `normalize`.
+    """
     gbps = bytes_moved / (ms * 1e-3) / 1e9 if (bytes_moved and ms) else None
-    return {
+    r = {
         "op": op, "shape": str(tuple(shape)) if isinstance(shape, (tuple, list)) else str(shape),
         "dtype": str(dtype).replace("torch.", ""), "contender": contender, "ms": ms, "baseline_ms": baseline_ms,
         "speedup": (baseline_ms / ms) if (baseline_ms and ms) else None, "gbps": gbps, "pct_copy_bw": None,
-        "peak_mb": peak_mb, "note": note,
+        "peak_mb": peak_mb, "note": note, "layout": layout, "device": device or ("cuda" if GPU else "cpu"),
     }
+    r.update(_spread_fields("ms", ms))
+    r.update(_spread_fields("baseline_ms", baseline_ms))
+    return normalize(r)
+
+
+def needs_gpu(r: dict) -> bool:
+    """A row that was not run because it needs a CUDA GPU (kept in the JSON, summarized in one line on CPU)."""
+    note = str(r.get("note") or "")
+    return r.get("ms") is None and ("CUDA GPU" in note or note.startswith("not run"))
+
+
+def normalize(r: dict) -> dict:
+    """Fill the fields every row has (a module may build its dict by hand): float values, spread, threads, noisy."""
+    r = dict(r)
+    for k in ("ms", "baseline_ms"):
+        if isinstance(r.get(k), Timing) and f"{k}_spread" not in r:
+            r.update(_spread_fields(k, r[k]))
+        r.setdefault(f"{k}_spread", None)
+        if r.get(k) is not None:
+            r[k] = float(r[k])  # a Timing serializes as its median
+    r.setdefault("note", "")
+    r.setdefault("layout", None)
+    r.setdefault("device", "cuda" if GPU else "cpu")
+    r.setdefault("threads", torch.get_num_threads() if r["device"] == "cpu" else None)
+    for k in ("baseline_ms", "speedup", "gbps", "pct_copy_bw", "peak_mb"):
+        r.setdefault(k, None)
+    lo = hi = None
+    if r.get("speedup") and r.get("ms_q3") and r.get("baseline_ms_q1"):
+        lo, hi = r["baseline_ms_q1"] / r["ms_q3"], r["baseline_ms_q3"] / r["ms_q1"]
+    r.setdefault("speedup_low", lo)
+    r.setdefault("speedup_high", hi)
+    spreads = [v for v in (r.get("ms_spread"), r.get("baseline_ms_spread")) if v is not None]
+    r["noisy"] = bool(spreads) and max(spreads) > NOISY_SPREAD
+    r["needs_gpu"] = needs_gpu(r)
+    return r
 
 
 def copy_bandwidth_gbps(quick: bool = False) -> float | None:

@@ -1,7 +1,13 @@
-"""`vdm-fast bench`: measure every kernel and the model against the baselines users would pick.
+"""`vdm-fast bench`: time every kernel and the model against the baselines users would pick.
 
-Ceilings first (copy bandwidth, bf16 matmul rate), then each benchmark module's rows; prints a table, writes a JSON
-file (device, driver, versions, date, every number) and a PNG plot of the speedups.
+Ceilings first on a GPU (device copy bandwidth, bf16 matmul rate; a CPU has neither here), then each benchmark
+module's rows (`bench_<name>.run(quick) -> rows`, auto-discovered). Each timing is a median of repeats with its
+spread (common.py); the table shows the median, the spread and the speedup's range, flags noisy rows, and fits 120
+columns (long names wrap, none is cut). Rows that need a CUDA GPU are one line on a CPU and stay in the JSON.
+
+Results go to a folder the user picks (--out, default ./vdm-fast-bench in the working directory), named by date and
+device, never overwriting: bench-<UTC date-time>-<device>.json (environment, settings and every row) and a .png plot
+of the speedups (with the `plot` extra, matplotlib).
 """
 
 from __future__ import annotations
@@ -9,20 +15,31 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
+import io
 import json
+import os
 import pkgutil
 import platform
 import subprocess
 import sys
+import tempfile
+import textwrap
 import traceback
 from pathlib import Path
 
 import torch
 
+from vdm_fast._cli import Parser, positive_int, run_guarded
+
 from . import common
 
-COLUMNS = [("op", 24), ("shape", 22), ("dtype", 9), ("contender", 34), ("ms", 9), ("baseline_ms", 11),
-           ("speedup", 8), ("gbps", 8), ("pct_copy_bw", 8), ("peak_mb", 9)]
+WIDTH = 120
+DEFAULT_OUT = "vdm-fast-bench"
+# (field, title, width, right-aligned): a row's cells wrap inside their column; the op names the group above.
+COLUMNS = [("shape", "shape", 20, False), ("dtype", "dtype", 8, False), ("contender", "contender", 24, False),
+           ("layout", "layout / note", 14, False), ("ms", "ms", 7, True), ("spread", "±%", 4, True),
+           ("baseline_ms", "base ms", 7, True), ("speedup", "speedup (range)", 17, True),
+           ("gbps", "GB/s", 5, True), ("threads", "thr", 3, True)]
 
 
 def modules(name_filter: str = "") -> list[str]:
@@ -44,10 +61,14 @@ def _cpu_name() -> str:
 
 
 def environment() -> dict:
+    """Where the numbers come from. `cuda` is the CUDA runtime in use: None without a GPU, whatever torch was built
+    for (that is `torch_cuda_build`)."""
     env = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(0) if common.GPU else f"CPU ({_cpu_name()})",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "torch_cuda_build": torch.version.cuda, "cuda": torch.version.cuda if common.GPU else None,
+        "gpu": common.GPU, "device": torch.cuda.get_device_name(0) if common.GPU else f"CPU ({_cpu_name()})",
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "driver": None, "triton": None,
     }
     try:
@@ -65,82 +86,218 @@ def environment() -> dict:
     return env
 
 
-def _fmt(v, width: int) -> str:
-    if v is None:
-        s = "-"
-    elif isinstance(v, float):
-        s = f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+def header(env: dict, quick: bool, repeats: int) -> str:
+    if env.get("gpu"):
+        where = f"{env['device']}, driver {env.get('driver') or '?'}, CUDA {env.get('cuda')}"
     else:
-        s = str(v)
-    return s[:width].ljust(width)
+        # No CUDA version here: the one torch was built for is in the JSON (torch_cuda_build), not a device fact.
+        where = (f"{env['device']}, {env.get('cpu_count')} cores, {env.get('threads')} torch threads; no CUDA GPU "
+                 "visible")
+    return (f"vdm-fast bench on {where}\ntorch {env['torch']}, triton {env.get('triton') or 'not installed'}, "
+            f"{'--quick, ' if quick else ''}at least {repeats} repeats per timing, {env['date']}")
+
+
+# ---------------------------------------------------------------------------------------------------------- table
+def _num(v, width: int = 7) -> str:
+    if v is None:
+        return "-"
+    for digits in (3, 2, 1):
+        s = f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+        if len(s) <= width:
+            return s
+    return s
+
+
+def _cells(r: dict) -> dict:
+    sp = r.get("speedup")
+    if sp is None:
+        speedup = "-"
+    elif r.get("speedup_low") is not None:
+        speedup = f"{sp:.2f}x ({r['speedup_low']:.2f}-{r['speedup_high']:.2f})"
+    else:
+        speedup = f"{sp:.2f}x"
+    spreads = [v for v in (r.get("ms_spread"), r.get("baseline_ms_spread")) if v is not None]
+    spread = f"{100 * max(spreads):.0f}" + ("!" if r.get("noisy") else "") if spreads else "-"
+    note = "; ".join(s for s in (r.get("layout"), r.get("note")) if s)
+    return {"shape": r.get("shape", ""), "dtype": r.get("dtype", ""), "contender": r.get("contender", ""),
+            "layout": note, "ms": _num(r.get("ms")), "spread": spread, "baseline_ms": _num(r.get("baseline_ms")),
+            "speedup": speedup, "gbps": _num(r.get("gbps"), 5),
+            "threads": "-" if r.get("threads") is None else str(r["threads"])}
+
+
+def _render_row(cells: dict) -> list[str]:
+    wrapped = [textwrap.wrap(str(cells[k]), w, break_long_words=True, break_on_hyphens=False) or [""]
+               for k, _, w, _ in COLUMNS]
+    lines = []
+    for i in range(max(len(c) for c in wrapped)):
+        parts = []
+        for (_, _, w, right), c in zip(COLUMNS, wrapped):
+            s = c[i] if i < len(c) else ""
+            parts.append(s.rjust(w) if right else s.ljust(w))
+        lines.append(("  " + " ".join(parts)).rstrip())
+    return lines
+
+
+def gpu_only_summary(rows: list[dict]) -> str:
+    """One line naming the rows that need a CUDA GPU (with counts), or '' when there are none."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.get("needs_gpu"):
+            counts[r["op"]] = counts.get(r["op"], 0) + 1
+    if not counts:
+        return ""
+    names = ", ".join(f"{op} (x{n})" if n > 1 else op for op, n in counts.items())
+    text = (f"Need a CUDA GPU, not run here ({sum(counts.values())} rows, kept in the JSON): {names}. "
+            "Their Triton kernels run on CPU only under the interpreter, which is for testing, not timing.")
+    return "\n".join(textwrap.wrap(text, WIDTH))
 
 
 def table(rows: list[dict]) -> str:
-    head = " ".join(name.ljust(w) for name, w in COLUMNS)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        line = " ".join(_fmt(r.get(name), w) for name, w in COLUMNS)
-        lines.append(line + (f"  {r['note']}" if r.get("note") else ""))
+    """The rows grouped by op (the op's full name on its own line), GPU-only rows summarized at the end."""
+    head = "  " + " ".join(t.rjust(w) if right else t.ljust(w) for _, t, w, right in COLUMNS)
+    lines = [head.rstrip(), "-" * min(WIDTH, len(head))]
+    shown = [common.normalize(r) for r in rows]
+    shown = [r for r in shown if not r["needs_gpu"]]
+    op = None
+    for r in shown:
+        if r["op"] != op:
+            op = r["op"]
+            lines += textwrap.wrap(op, WIDTH)
+        lines += _render_row(_cells(r))
+    noisy = sum(1 for r in shown if r["noisy"])
+    if noisy:
+        lines.append("")
+        lines += textwrap.wrap(
+            f"warning: {noisy} of {len(shown)} rows are noisy (marked !: the interquartile range of the repeats is "
+            f"over {100 * common.NOISY_SPREAD:.0f}% of the median). A busy machine or a very short op; a speedup "
+            "inside its range is no measurement. Rerun on an idle machine, with more --repeats or --threads 1.", WIDTH)
+    summary = gpu_only_summary([common.normalize(r) for r in rows])
+    if summary:
+        lines += ["", summary]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> bool:
+# ---------------------------------------------------------------------------------------------------------- files
+def _slug(text: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60]
+
+
+def result_stem(env: dict) -> str:
+    """bench-<UTC date-time>-<device>: sorts by date, says where it was measured."""
+    when = dt.datetime.fromisoformat(env["date"]).strftime("%Y%m%d-%H%M%S")
+    return f"bench-{when}-{_slug(env['device'])}"
+
+
+def check_out_dir(out: Path) -> Path:
+    """Create `out` and prove it writable before any benchmark runs (ValueError naming --out otherwise)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {str(out)!r} is not a writable folder: {e.strerror or e}") from None
+    return out
+
+
+def write_new(path: Path, data: bytes) -> Path:
+    """Write `data` to `path`, or to path-2, path-3, ... if it exists: never overwrites, never leaves half a file
+    (a temp file in the same folder is linked into place, which fails rather than replaces)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        for i in range(1, 1000):
+            target = path if i == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"{path}: 999 results of the same name")
+    finally:
+        os.unlink(tmp)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> str:
+    """A bar per timed row (speedup, with its range as an error bar); returns what it did, in words."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(no plot: install matplotlib, the 'plot' extra)")
-        return False
-    timed = [r for r in rows if r.get("speedup")]
+        return "no plot: matplotlib is not installed (pip install matplotlib, or the 'plot' extra)"
+    timed = [common.normalize(r) for r in rows]
+    timed = [r for r in timed if r.get("speedup")]
     if not timed:
-        return False
-    labels = [f"{r['op']} {r['shape']} vs {r['contender']}"[:70] for r in timed]
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(timed) + 1.5))
-    ax.barh(range(len(timed)), [r["speedup"] for r in timed], color="tab:blue")
+        return "no plot: no row has a speedup"
+    labels = ["\n".join(textwrap.wrap(f"{r['op']} {r['shape']} {r['dtype']}: {r['contender']}"
+                                      + (f" [{r['layout']}]" if r.get("layout") else ""), 60)) for r in timed]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(12, 0.25 * lines + 0.3 * len(timed) + 1.5))
+    speedups = [r["speedup"] for r in timed]
+    lo = [r["speedup"] - (r["speedup_low"] if r.get("speedup_low") is not None else r["speedup"]) for r in timed]
+    hi = [(r["speedup_high"] if r.get("speedup_high") is not None else r["speedup"]) - r["speedup"] for r in timed]
+    colors = ["tab:orange" if r["noisy"] else "tab:blue" for r in timed]
+    ax.barh(range(len(timed)), speedups, xerr=[lo, hi], color=colors, capsize=2)
     ax.axvline(1.0, color="k", lw=0.8)
+    if max(speedups) / min(speedups) > 20:  # 2x and 100x on one axis: a linear one flattens the small bars
+        ax.set_xscale("log")
     ax.set_yticks(range(len(timed)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup of vdm_fast (baseline time / our time)")
+    ax.set_xlabel("speedup of vdm_fast: baseline time / our time (bar: median; whiskers: interquartile range; "
+                  "orange: noisy)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # "tight": long labels are never clipped
     plt.close(fig)
-    return True
+    return f"plot {write_new(path, buf.getvalue())}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vdm-fast bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--filter", default="", help="comma-separated benchmark names, e.g. group_norm,attention")
-    parser.add_argument("--out", default="bench-results", help="folder for the JSON file and the plot")
-    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    args = parser.parse_args(argv)
+# ----------------------------------------------------------------------------------------------------------- main
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="fewer shapes and a shorter time budget per timing")
+    p.add_argument("--filter", default="", help="comma-separated parts of benchmark names, e.g. group_norm,attention "
+                   "(see --list)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON results and the plot; files are named by "
+                   f"date and device and never overwritten (default: ./{DEFAULT_OUT})")
+    p.add_argument("--repeats", type=positive_int, default=common.settings.repeats,
+                   help=f"at least this many timed runs per CPU timing (default: {common.settings.repeats})")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's default; each CPU row records its count)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     names = modules(args.filter)
     if args.list:
         print("\n".join(names))
         return 0
     if not names:
-        parser.error(f"--filter {args.filter!r} matches no benchmark (see --list)")
+        raise ValueError(f"--filter {args.filter!r} matches no benchmark; choose from: "
+                         + ", ".join(n.removeprefix("bench_") for n in modules()))
+    out = check_out_dir(Path(args.out))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common.settings.repeats = args.repeats
     env = environment()
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  CUDA {env['cuda']}")
-    if not common.GPU:
-        print("No CUDA GPU here: the Triton kernels need one, so their rows say 'not run'. What runs on CPU runs "
-              "(the reference ops, the compiled CPU code, the tiny model); those numbers are CPU timings.")
-    copy_bw = common.copy_bandwidth_gbps(args.quick)
-    tflops = common.matmul_tflops(args.quick)
-    env["copy_bandwidth_gbps"], env["bf16_matmul_tflops"] = copy_bw, tflops
-    if copy_bw:
+    print(header(env, args.quick, args.repeats))
+    if common.GPU:
+        copy_bw = common.copy_bandwidth_gbps(args.quick)
+        tflops = common.matmul_tflops(args.quick)
         print(f"ceilings: device copy {copy_bw:.0f} GB/s (read + write), bf16 matmul {tflops:.0f} TFLOP/s")
+    else:
+        copy_bw = tflops = None
+        print("ceilings: the device copy bandwidth and bf16 matmul rate are GPU ceilings, measured on a CUDA GPU "
+              "only (null in the JSON here), so no row shows a % of copy bandwidth.")
+    env["copy_bandwidth_gbps"], env["bf16_matmul_tflops"] = copy_bw, tflops
     rows: list[dict] = []
-    try:
-        from tqdm import tqdm
-
-        progress = tqdm(names, desc="bench", disable=not sys.stderr.isatty())
-    except ImportError:
-        progress = names
-    for name in progress:
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name.removeprefix('bench_')}", file=sys.stderr, flush=True)
         try:
             mod = importlib.import_module(f"vdm_fast.benchmarks.{name}")
             new = mod.run(quick=args.quick)
@@ -149,17 +306,27 @@ def main(argv: list[str] | None = None) -> int:
             failure = f"FAILED: {type(e).__name__}: {e}"
             new = [common.row(name.removeprefix("bench_"), "-", "-", "-", None, note=failure)]
         for r in new:
+            r = common.normalize(r)
             if copy_bw and r.get("gbps"):
                 r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_bw
-        rows += new
+            rows.append(r)
     print(table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench-" + "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "quick": args.quick, "rows": rows}, indent=1))
-    made = plot(rows, out / f"{stem}.png", f"vdm_fast on {env['device']} ({env['date'][:10]})")
-    print(f"wrote {out / (stem + '.json')}" + (f" and {out / (stem + '.png')}" if made else ""))
+    settings = {"quick": args.quick, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                "filter": args.filter, "noisy_spread": common.NOISY_SPREAD}
+    data = {"environment": env, "quick": args.quick, "settings": settings, "rows": rows}
+    stem = result_stem(env)
+    path = write_new(out / f"{stem}.json", json.dumps(data, indent=1).encode())
+    made = plot(rows, path.with_suffix(".png"), f"vdm_fast on {env['device']} ({env['date'][:10]}), "
+                f"{'quick, ' if args.quick else ''}{torch.get_num_threads()} threads")
+    print(f"wrote {path}; {made}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="vdm-fast bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run_guarded("vdm-fast bench", lambda: run_from_args(args))
 
 
 if __name__ == "__main__":

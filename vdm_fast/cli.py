@@ -1,100 +1,104 @@
 """The `vdm-fast` command line (also `python -m vdm_fast`).
 
-Each subcommand is one `_add_<name>(sub)` function that declares its parser and points it at its handler; adding a
-command is adding one such function to COMMANDS.
+`vdm-fast` alone prints this help and exits 0; `vdm-fast --version` prints the version. Each subcommand is one
+`Command` in COMMANDS: its help line, the module that declares its options (`add_arguments(parser)`) and runs it
+(`run_from_args(args)`). Only the chosen command's module is imported, so `vdm-fast info` never pays for (or breaks
+on) the training code. Every user error is one line, `vdm-fast <command>: error: ...`, with exit status 2 (see
+vdm_fast/_cli.py); options are checked before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
+from dataclasses import dataclass
 
-# Errors a user can cause (a missing folder, a bad option value, a missing optional package): one line, no traceback
-# (VDM_FAST_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
+from vdm_fast import __version__
+from vdm_fast._cli import Parser, check_device, fail, run_guarded
+
+PROG = "vdm-fast"
 
 
-def _info(args) -> int:
-    from vdm_fast.info import report
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    module: str  # has add_arguments(parser) and run_from_args(args) -> int
+    description: str = ""
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`vdm-fast info` takes no options."""
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """`vdm-fast info`."""
+    from vdm_fast.info import report  # imports every op module: only for this command
 
     print(report())
     return 0
 
 
-def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="versions, compiled extension, GPU, and the backend of each op")
-    p.set_defaults(func=_info)
+COMMANDS = [
+    Command("info", "versions, compiled extension, GPU, and the backend of each op", __name__),
+    Command("bench", "time every op and the model against the baselines (a table, JSON and a plot)",
+            "vdm_fast.benchmarks.run", "Benchmarks: medians of repeated timings with their spread, against eager "
+            "PyTorch, torch.compile and the other baselines a user would pick."),
+    Command("train", "train a Unet3D video diffusion model (bouncing shapes or a folder of videos)", "vdm_fast.train",
+            "Train a Unet3D with GaussianDiffusion. Also: python -m vdm_fast.train, and "
+            "torchrun --nproc_per_node=N -m vdm_fast.train for DDP."),
+    Command("sample", "draw videos from a trained run (gif, png frame strip, or mp4/webm with the video extra)",
+            "vdm_fast.sample", "Sample videos from a run's latest checkpoint."),
+]
 
 
-def _bench(args) -> int:
-    from vdm_fast.benchmarks.run import main as bench_main
-
-    return bench_main(args.rest)
-
-
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks against the baselines (see `vdm-fast bench --help`)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_bench)
+def _chosen(argv: list[str]) -> Command | None:
+    """The command named by the first argument that is not an option (None: none named)."""
+    for a in argv:
+        if not a.startswith("-"):
+            return next((c for c in COMMANDS if c.name == a), None)
+    return None
 
 
-def _train(args) -> int:
-    from vdm_fast.train import run_from_args
-
-    return run_from_args(args)
-
-
-def _add_train(sub) -> None:
-    from vdm_fast.train import add_arguments
-
-    p = sub.add_parser("train", help="train a Unet3D video diffusion model (bouncing shapes or a folder of videos)",
-                       description="Train a Unet3D with GaussianDiffusion. Also: python -m vdm_fast.train, and "
-                       "torchrun --nproc_per_node=N -m vdm_fast.train for DDP.")
-    add_arguments(p)
-    p.set_defaults(func=_train, user_errors=True)
-
-
-def _sample(args) -> int:
-    from vdm_fast.sample import run_from_args
-
-    return run_from_args(args)
-
-
-def _add_sample(sub) -> None:
-    from vdm_fast.sample import add_arguments
-
-    p = sub.add_parser("sample", help="draw videos from a trained run (mp4, gif or a png frame strip)",
-                       description="Sample videos from a run's latest checkpoint.")
-    add_arguments(p)
-    p.set_defaults(func=_sample, user_errors=True)
-
-
-COMMANDS = [_add_info, _add_bench, _add_train, _add_sample]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vdm-fast", description="Video Diffusion Models, fast.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(sub)
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the options of the command that `argv` names (all commands when argv is None)."""
+    parser = Parser(prog=PROG, description="Video Diffusion Models, fast: fused kernels, a 3D U-Net, samplers.",
+                    epilog=f"`{PROG} COMMAND --help` lists a command's options.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    chosen = None if argv is None else _chosen(argv)
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help)
+        if argv is None or c is chosen:
+            c.load().add_arguments(p)
+        p.set_defaults(command_spec=c)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmark runner parses its own options
-        return _bench(argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
-    if not getattr(args, "user_errors", False):
-        return args.func(args)
-    try:
-        return args.func(args)
-    except USER_ERRORS as e:
-        if os.environ.get("VDM_FAST_DEBUG"):  # the traceback, for a bug rather than a user error
-            raise
-        print(f"vdm-fast {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    if not argv:
+        parser.print_help()
+        return 0
+    args, extra = parser.parse_known_args(argv)
+    command: Command | None = getattr(args, "command_spec", None)
+    if command is None:
+        return fail(PROG, f"name a command: {', '.join(c.name for c in COMMANDS)} (see {PROG} --help)")
+    prog = f"{PROG} {command.name}"
+    if extra:  # argparse would blame the top-level parser
+        return fail(prog, f"unrecognized arguments: {' '.join(extra)} (see {prog} --help)")
+    device = getattr(args, "device", None)
+    if isinstance(device, str):  # checked before any work, for every command that takes --device
+        try:
+            check_device(device)
+        except ValueError as e:
+            return fail(prog, e)
+    return run_guarded(prog, lambda: command.load().run_from_args(args))
 
 
 if __name__ == "__main__":

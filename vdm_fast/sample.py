@@ -1,24 +1,46 @@
-"""Sampling from a trained run: `vdm-fast sample --run runs/demo --num 4 --frames 16 --out samples.mp4`.
+"""Sampling from a trained run: `vdm-fast sample --run runs/demo --num 4 --out samples.gif`.
 
 Loads the run's latest checkpoint (EMA weights by default), draws `num` videos with the chosen sampler, optionally
 extends them autoregressively (--extend-to 64: windows of the training length, each conditioned on the frames so far
-by reconstruction guidance), and writes one file: mp4/webm (a grid when num > 1), gif, or a frame-strip png.
+by reconstruction guidance), and writes one file: gif, a frame-strip png, or mp4/webm (the `video` extra); a grid
+when num > 1. Every option is checked, and the output path proved writable, before the checkpoint is loaded or a
+step is sampled; each error is one line naming the option and what it allows.
+
+From Python: `diffusion, config = load_run("runs/demo")`, then `generate(diffusion, shape, ...)` or
+`diffusion.sample(shape, ...)`, and `write_outputs(videos, "out.gif")`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from vdm_fast import checkpoint as ckpt
+from vdm_fast import video_io
+from vdm_fast._cli import Parser, check_device, finite_float, nonneg_int, positive_int, run_guarded
+from vdm_fast.diffusion import SAMPLERS
+from vdm_fast.ops.temporal_attention import MAX_T
+
+STRIP_FRAMES = 16  # a README-sized strip; --strip-frames changes it
+# What each sampler is, for --help; a sampler added to SAMPLERS without an entry here is listed by name.
+SAMPLER_HELP = {
+    "ancestral": "the paper's ancestral sampler (gamma 0.3)",
+    "ddim": "deterministic DDIM (eta 0)",
+    "pc": "predictor-corrector: ancestral + --corrector-steps Langevin steps",
+    "dpmpp_2m": "DPM-Solver++(2M), deterministic, second order: good samples in few steps",
+    "dpmpp_2m_sde": "DPM-Solver++(2M) SDE, stochastic, second order",
+    "dpmpp_3m": "DPM-Solver++(3M), deterministic, third order",
+}
 
 
 def load_run(run, *, ema: bool = True, device: str | torch.device = "auto"):
-    """(diffusion, config) from a run directory or a checkpoint directory; the EMA weights when `ema` and saved."""
+    """(diffusion, config) from a run directory or a checkpoint directory; the EMA weights when `ema` and saved.
+    config is the run's saved config plus `step` and `path` (the checkpoint read)."""
     from vdm_fast.diffusion import GaussianDiffusion
     from vdm_fast.model import Unet3D
 
@@ -31,7 +53,7 @@ def load_run(run, *, ema: bool = True, device: str | torch.device = "auto"):
         print(f"{c.path}: no EMA weights saved, using the raw weights", file=sys.stderr)
     model.load_state_dict(c.ema if ema and c.ema is not None else c.model)
     model = model.to(dev).eval().requires_grad_(False)
-    config = dict(c.config, step=c.step, path=str(c.path))
+    config = dict(c.config, step=c.step, path=str(c.path), weights="EMA" if ema and c.ema is not None else "raw")
     return GaussianDiffusion(model, prediction=c.config["diffusion"]["prediction"]), config
 
 
@@ -41,7 +63,7 @@ def class_cond(labels, num: int, num_classes: int, device) -> torch.Tensor | Non
         if labels:
             raise ValueError("--label: this model was not trained with --class-cond")
         return None
-    labels = list(labels) if labels else list(range(num))
+    labels = list(labels) if labels else [i % num_classes for i in range(num)]
     labels = [labels[i % len(labels)] for i in range(num)]
     bad = [v for v in labels if not 0 <= v < num_classes]
     if bad:
@@ -64,7 +86,7 @@ def generate(diffusion, shape, *, steps: int = 64, sampler: str = "ancestral", g
     if cond is not None:
         kw.update(cond=cond, guidance_weight=guidance)
     if sampler == "pc":
-        kw["corrector_steps"] = corrector_steps or 1
+        kw["corrector_steps"] = 1 if corrector_steps is None else corrector_steps
     video = diffusion.sample(tuple(shape), **kw)
     if extend_to:
         if w_r is not None:
@@ -73,76 +95,158 @@ def generate(diffusion, shape, *, steps: int = 64, sampler: str = "ancestral", g
     return video
 
 
-def write_outputs(videos: torch.Tensor, out, *, fps: float = 8, strip: bool | str | Path = False) -> list[Path]:
-    """Write `videos` to `out` (by suffix) and, with `strip`, a frame-strip PNG (True: beside out, same stem)."""
-    from vdm_fast import video_io
-
+def write_outputs(videos: torch.Tensor, out, *, fps: float = 8, strip: bool | str | Path = False,
+                  strip_frames: int | None = STRIP_FRAMES) -> list[Path]:
+    """Write `videos` to `out` (by suffix) and, with `strip`, a frame-strip PNG (True: beside out, same stem) of at
+    most `strip_frames` evenly spaced frames (None: all)."""
     out = Path(out)
     written = [video_io.write_video(out, videos, fps=fps)]
     if strip:
         path = out.with_suffix(".png") if strip is True else Path(strip)
         if path != out:
-            written.append(video_io.write_frame_strip(path, videos, max_frames=16))
+            written.append(video_io.write_frame_strip(path, videos, max_frames=strip_frames))
     return written
+
+
+def _sampler_help() -> str:
+    return "; ".join(f"{name}: {SAMPLER_HELP.get(name, name)}" for name in SAMPLERS)
+
+
+def int_window(text: str) -> int:
+    v = positive_int(text)
+    if not 2 <= v <= MAX_T:
+        raise argparse.ArgumentTypeError(f"must be in 2..{MAX_T}, got {v}")
+    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory (its latest checkpoint) or a checkpoint directory")
-    p.add_argument("--out", default="samples.mp4", help="output: .mp4/.webm (imageio-ffmpeg), .gif or .png strip "
-                   "(default: samples.mp4)")
-    p.add_argument("--num", type=int, default=4, help="videos to draw; several are tiled into a grid (default: 4)")
-    p.add_argument("--frames", type=int, default=None, help="frames per video (default: the training frames)")
-    p.add_argument("--resolution", type=int, default=None, help="frame size (default: the training size)")
-    p.add_argument("--sampler", default="ancestral", choices=("ancestral", "ddim", "pc"))
-    p.add_argument("--steps", type=int, default=128, help="sampler steps (default: 128)")
-    p.add_argument("--corrector-steps", type=int, default=None, help="Langevin steps per step for --sampler pc "
-                   "(default: 1)")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (class-conditional "
-                   "models; default: 0)")
-    p.add_argument("--label", type=int, action="append", default=None,
+    p.add_argument("--out", default="samples.gif", help="output file, by extension: .gif, .png (a frame strip: one "
+                   "row per video), or .mp4/.webm/.mkv/.mov/.avi (needs pip install \"vdm_fast[video]\") "
+                   "(default: samples.gif)")
+    p.add_argument("--num", type=positive_int, default=4, help="videos to draw; several are tiled into a grid "
+                   "(default: 4)")
+    p.add_argument("--frames", type=positive_int, default=None, help=f"frames per video, at most {MAX_T} in one "
+                   "window; longer videos: --extend-to (default: the training frames)")
+    p.add_argument("--resolution", type=positive_int, default=None, help="frame size (default: the training size)")
+    p.add_argument("--sampler", default="ancestral", choices=SAMPLERS, metavar="{" + ",".join(SAMPLERS) + "}",
+                   help=f"the sampling rule: {_sampler_help()} (default: ancestral)")
+    p.add_argument("--steps", type=positive_int, default=128, help="sampler steps: more is slower and closer to the "
+                   "model's distribution (default: 128)")
+    p.add_argument("--corrector-steps", type=positive_int, default=None, help="Langevin steps after each step, "
+                   "--sampler pc only (default: 1)")
+    p.add_argument("--guidance", type=finite_float(minimum=0.0), default=0.0, help="classifier-free guidance "
+                   "weight w >= 0 for class-conditional models: (1 + w) cond - w uncond (default: 0, none)")
+    p.add_argument("--label", type=nonneg_int, action="append", default=None,
                    help="class label(s) for class-conditional models, repeated over the videos (default: 0, 1, ...)")
-    p.add_argument("--extend-to", type=int, default=None, help="extend autoregressively to this many frames")
-    p.add_argument("--window", type=int, default=None, help="frames per extension window (default: --frames)")
-    p.add_argument("--overlap", type=int, default=None, help="frames each window conditions on (default: half)")
-    p.add_argument("--w-r", type=float, default=None, help="reconstruction guidance weight for --extend-to")
+    p.add_argument("--extend-to", type=positive_int, default=None, help="extend autoregressively to this many frames "
+                   "(more than --frames), window by window")
+    p.add_argument("--window", type=int_window, default=None, help=f"frames per extension window, 2..{MAX_T} "
+                   "(default: --frames)")
+    p.add_argument("--overlap", type=positive_int, default=None, help="frames each window conditions on, fewer "
+                   "than --window (default: half the window)")
+    p.add_argument("--w-r", type=finite_float(minimum=0.0), default=None, help="reconstruction guidance weight for "
+                   "--extend-to (default: the library's)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default: yes, when saved)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0, torch's default)")
-    p.add_argument("--fps", type=float, default=8)
-    p.add_argument("--strip", default=None, help="also write a frame-strip PNG here")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of all the sampling noise: the same seed, "
+                   "checkpoint and options give the same videos on the same device (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if visible, else cpu), cpu, cuda or cuda:N "
+                   "(default: auto)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads; on a small CPU machine 1 is "
+                   "often fastest (default: 0, torch's default)")
+    p.add_argument("--fps", type=finite_float(positive=True), default=8, help="frames per second of the written "
+                   "video or gif (default: 8)")
+    p.add_argument("--strip", default=None, help="also write a frame-strip PNG here (one row per video)")
+    p.add_argument("--strip-frames", type=positive_int, default=STRIP_FRAMES, help="most frames in the strip, evenly "
+                   f"spaced (default: {STRIP_FRAMES})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or progress lines "
+                   "(a terminal gets a bar, a log a line every 10 s); the final line is printed either way")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    diffusion, config = load_run(args.run, ema=args.ema, device=args.device)
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the checkpoint is read: ValueError naming the option."""
+    check_device(args.device)
+    video_io.check_output(args.out, "--out")
+    if args.strip:
+        if Path(args.strip).suffix.lower() != ".png":
+            raise ValueError(f"--strip {args.strip!r}: the frame strip is a .png file")
+        video_io.check_output(args.strip, "--strip")
+    if not Path(args.run).exists():
+        raise FileNotFoundError(f"--run {args.run!r}: no such run or checkpoint directory")
+    if args.frames is not None and args.frames > MAX_T:
+        raise ValueError(f"--frames {args.frames}: one window holds at most {MAX_T} frames (temporal attention's "
+                         f"limit); for a longer video sample a window and extend it, e.g. --frames 16 "
+                         f"--extend-to {args.frames}")
+    if args.corrector_steps is not None and args.sampler != "pc":
+        raise ValueError(f"--corrector-steps is for --sampler pc only (got --sampler {args.sampler})")
+    if args.extend_to is None:
+        for name in ("window", "overlap", "w_r"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} is for --extend-to only")
+    elif args.overlap is not None and args.window is not None and args.overlap >= args.window:
+        raise ValueError(f"--overlap ({args.overlap}) must be fewer than --window ({args.window}) frames")
+
+
+def check_run(args: argparse.Namespace, config: dict) -> tuple[int, int]:
+    """What needs the run's config (read without its weights): (frames, size) after checking that the U-Net can
+    halve the frame size, the window fits, --extend-to goes beyond the frames, and --label/--guidance fit."""
     mc, data = config["model"], config.get("data", {})
     frames = args.frames or data.get("frames") or mc["num_frames"]
     size = args.resolution or data.get("resolution") or mc["image_size"]
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+    mults = mc.get("channel_mults") or ()
+    factor = 2 ** max(len(mults) - 1, 0)
+    if size % factor:
+        raise ValueError(f"--resolution {size}: must be a multiple of {factor} (this model halves the frame "
+                         f"{len(mults) - 1} times)")
+    window = args.window or frames
+    if window > MAX_T:
+        raise ValueError(f"--window {window}: at most {MAX_T} frames (temporal attention's limit)")
     if args.extend_to is not None and args.extend_to <= frames:
         raise ValueError(f"--extend-to ({args.extend_to}) must exceed --frames ({frames})")
+    if args.extend_to is not None and args.overlap is not None and args.overlap >= window:
+        raise ValueError(f"--overlap ({args.overlap}) must be fewer than the window's {window} frames")
+    num_classes = data.get("num_classes", 0)
+    class_cond(args.label, args.num, num_classes, "cpu")
+    if args.guidance and not num_classes:
+        raise ValueError("--guidance needs a class-conditional model (trained with --class-cond)")
+    return frames, size
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    check_args(args)
+    frames, size = check_run(args, ckpt.load(args.run, parts=()).config)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    diffusion, config = load_run(args.run, ema=args.ema, device=args.device)
+    mc, num_classes = config["model"], config.get("data", {}).get("num_classes", 0)
+    dev = next(diffusion.model.parameters()).device
     shape = (args.num, mc["in_channels"], frames, size, size)
     print(f"sampling {args.num} x {frames} frames of {size}x{size} from {config['path']} (step {config['step']}, "
-          f"{'EMA' if args.ema else 'raw'} weights), {args.sampler} sampler, {args.steps} steps"
-          + (f", extended to {args.extend_to} frames" if args.extend_to else ""), file=sys.stderr)
+          f"{config['weights']} weights) on {dev}, {torch.get_num_threads()} threads, {args.sampler} "
+          f"sampler, {args.steps} steps" + (f", extended to {args.extend_to} frames" if args.extend_to else ""),
+          file=sys.stderr)
+    t0 = time.perf_counter()
     videos = generate(diffusion, shape, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                      labels=args.label, num_classes=data.get("num_classes", 0), seed=args.seed,
+                      labels=args.label, num_classes=num_classes, seed=args.seed,
                       extend_to=args.extend_to, window=args.window, overlap=args.overlap,
                       corrector_steps=args.corrector_steps, w_r=args.w_r, progress=args.progress)
-    for path in write_outputs(videos, args.out, fps=args.fps, strip=args.strip or False):
-        print(f"wrote {path}", file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    written = write_outputs(videos, args.out, fps=args.fps, strip=args.strip or False, strip_frames=args.strip_frames)
+    total = videos.shape[2]
+    if args.strip and total > args.strip_frames:
+        print(f"{written[-1]}: the strip shows {args.strip_frames} of the {total} frames, evenly spaced "
+              f"(--strip-frames {total} shows all)", file=sys.stderr)
+    print(f"sampled {args.num} videos of {total} frames in {seconds:.1f} s; wrote {', '.join(map(str, written))}",
+          file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vdm_fast.sample", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m vdm_fast.sample", description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+    args = p.parse_args(argv)
+    return run_guarded(p.prog, lambda: run_from_args(args))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 (one row per video, one column per frame) to look at samples in a README.
 
 Videos are float tensors in [-1, 1], (C, T, H, W) or a batch (B, C, T, H, W); C is 1 or 3.
-The optional `video` extra installs what is needed; a missing piece raises an ImportError naming it.
+GIF and PNG need pillow (a core dependency); mp4/webm/... need the optional `video` extra, and a missing piece raises
+an ImportError naming it. `check_output` says all of that, and whether the path is writable, before any work.
+Every file is written to a temp file beside its target and moved into place: a reader never sees half a file.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import tempfile
@@ -15,8 +18,55 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vdm_fast._fsutil import atomic_path
+
 EXTRA = 'pip install "vdm_fast[video]"'
 FFMPEG_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
+
+
+SUFFIXES = (".gif", ".png", *FFMPEG_EXTS)
+
+
+def _missing(*modules: str) -> list[str]:
+    missing = []
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            missing.append(m)
+    return missing
+
+
+def check_output(path, option: str = "path") -> Path:
+    """Whether `path` can be written as a video or strip, checked before the work that produces it: a known
+    suffix, the packages its writer needs, and a writable folder (created later if missing). ValueError or
+    ImportError naming `option`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a folder; give a file name such as {str(path / 'samples.gif')!r}")
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{option} {str(path)!r}: unknown extension {suffix or '(none)'!r}; allowed: "
+                         f"{', '.join(SUFFIXES)}")
+    if suffix in FFMPEG_EXTS:
+        missing = _missing("imageio", "imageio_ffmpeg")
+        if missing:
+            raise ImportError(f"{option} {str(path)!r}: writing {suffix} needs {' and '.join(missing)}: {EXTRA} "
+                              "(or write .gif or .png)")
+    elif _missing("PIL"):
+        raise ImportError(f"{option} {str(path)!r}: writing {suffix} needs pillow: pip install pillow")
+    folder = path.parent
+    while not folder.exists():  # the writer creates missing folders: the nearest existing one must be writable
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{option} {str(path)!r}: cannot write in {str(folder)!r} ({e.strerror or e})") from None
+    return path
 
 
 def _batch(videos: torch.Tensor) -> torch.Tensor:
@@ -61,22 +111,6 @@ def _auto_scale(h: int, w: int, target: int = 128) -> int:
     return max(1, target // max(h, w))
 
 
-def _atomic_target(path: Path):
-    """A temp file beside `path` (same suffix, so writers pick the format by it); os.replace it onto path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _publish(tmp: Path, path) -> None:
-    """mkstemp makes 0600 files: give the usual permissions, then move into place atomically."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def _pil():
     try:
         from PIL import Image
@@ -89,13 +123,9 @@ def _pil():
 def write_gif(path, frames: np.ndarray, fps: float = 8) -> None:
     Image = _pil()
     images = [Image.fromarray(f) for f in frames]
-    tmp = _atomic_target(Path(path))
-    try:
+    with atomic_path(path, make_parents=True) as tmp:
         images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
                        optimize=False, disposal=1)
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_ffmpeg(path, frames: np.ndarray, fps: float = 8) -> None:
@@ -107,16 +137,12 @@ def write_ffmpeg(path, frames: np.ndarray, fps: float = 8) -> None:
     # yuv420p (what players accept) needs even sides: pad with the last row/column.
     t, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    tmp = _atomic_target(Path(path))
-    try:
-        codec = "libvpx-vp9" if Path(path).suffix.lower() == ".webm" else "libx264"
-        with imageio.get_writer(tmp, fps=fps, codec=codec, macro_block_size=1, pixelformat="yuv420p",
-                                ffmpeg_log_level="error", quality=9) as writer:
-            for f in frames:
-                writer.append_data(f)
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    codec = "libvpx-vp9" if Path(path).suffix.lower() == ".webm" else "libx264"
+    with atomic_path(path, make_parents=True) as tmp, imageio.get_writer(
+            tmp, fps=fps, codec=codec, macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
+            quality=9) as writer:
+        for f in frames:
+            writer.append_data(f)
 
 
 def write_video(path, videos: torch.Tensor, *, fps: float = 8, nrow: int | None = None,
@@ -164,10 +190,6 @@ def write_frame_strip(path, videos: torch.Tensor, *, max_frames: int | None = No
     """A PNG with one row per video and one column per frame (pillow)."""
     Image = _pil()
     path = Path(path)
-    tmp = _atomic_target(path.with_suffix(".png"))
-    try:
+    with atomic_path(path, make_parents=True) as tmp:
         Image.fromarray(frame_strip(videos, max_frames=max_frames, scale=scale)).save(tmp, format="PNG")
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
