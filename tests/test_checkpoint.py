@@ -565,8 +565,8 @@ def test_prune_protects_and_validates(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- real kill -9
-_SAVER = r"""
-import sys, types
+_PRELUDE = r"""
+import os, signal, sys, types
 # Only vdm_fast.checkpoint and what it imports, not the whole package (torch.compile, triton...): a fast start.
 pkg = types.ModuleType("vdm_fast")
 pkg.__path__ = [sys.argv[2]]
@@ -574,23 +574,76 @@ sys.modules["vdm_fast"] = pkg
 import torch
 from vdm_fast import checkpoint as ckpt
 run = sys.argv[1]
-w = {f"w{i}": torch.full((64, 1024), float(i)) for i in range(8)}  # 2 MiB a part: a save takes a while
+w = {f"w{i}": torch.full((64, 1024), float(i)) for i in range(8)}  # 2 MiB a part
+def save(step):
+    ckpt.save(run, step, config={"step": step}, model=w, ema=w, optimizer={"state": {}, "param_groups": []},
+              state={"step": step}, keep=2)
+"""
+_STAGE_KILLER = _PRELUDE + r"""
+kill_at, n = int(sys.argv[3]), [0]
+def counted(fn):
+    def wrapped(*a, **k):
+        n[0] += 1
+        if n[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # a real kill -9: no finally block, no cleanup runs
+        return fn(*a, **k)
+    return wrapped
+for name in ("replace", "rename", "unlink", "rmdir", "mkdir", "open", "fsync", "chmod"):
+    setattr(os, name, counted(getattr(os, name)))
+save(3)
+print(n[0], flush=True)
+"""
+_LOOP_SAVER = _PRELUDE + r"""
 print("ready", flush=True)
 step = 0
 while True:
     step += 1
-    ckpt.save(run, step, config={"step": step}, model=w, ema=w, optimizer={"state": {}, "param_groups": []},
-              state={"step": step}, keep=2)
+    save(step)
 """
 
 
+def _child(script: str, run: Path, *args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, str(run), str(Path(ckpt.__file__).parent), *map(str, args)],
+                            stdout=subprocess.PIPE, text=True, cwd=run.parent, **kw)
+
+
+def _check_after_kill(run: Path, steps=None) -> int:
+    c = ckpt.load(run, parts=("model",))
+    assert c.verified and c.config == {"step": c.step} and torch.equal(c.model["w3"], torch.full((64, 1024), 3.0))
+    for _, p in ckpt.step_dirs(run / "checkpoints"):
+        ckpt.verify(p)
+    assert steps is None or c.step in steps
+    run_dir.clean_leftovers(run)
+    assert _hidden(run) == []
+    return c.step
+
+
+def test_real_kill_9_at_stages_of_a_save(tmp_path):
+    """kill -9 (SIGKILL from inside, at the k-th filesystem effect) at stages spread over a save and its prune:
+    the run loads, every step folder verifies, and the next start leaves nothing behind."""
+    template = tmp_path / "template"
+    w = {f"w{i}": torch.full((64, 1024), float(i)) for i in range(8)}
+    for s in (1, 2):
+        ckpt.save(template, s, config={"step": s}, model=w, ema=w, optimizer={"state": {}, "param_groups": []},
+                  state={"step": s}, keep=2)
+    shutil.copytree(template, tmp_path / "count")
+    proc = _child(_STAGE_KILLER, tmp_path / "count", 10 ** 9)  # counts the effects of a whole save of step 3
+    total = int(proc.communicate(timeout=120)[0])
+    assert proc.returncode == 0 and total > 20 and _check_after_kill(tmp_path / "count") == 3
+    for frac in (0.2, 0.6, 0.95):
+        run = tmp_path / f"k{frac}"
+        shutil.copytree(template, run)
+        proc = _child(_STAGE_KILLER, run, max(1, int(total * frac)))
+        proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL
+        _check_after_kill(run, steps=(2, 3))
+
+
 def test_real_kill_9_during_saves(tmp_path):
-    """kill -9 a process that saves in a loop, at a few moments: the run always loads, every step folder verifies,
-    and the next start cleans what the kill left."""
+    """kill -9 from outside a process that saves in a loop, at a few moments."""
     run = tmp_path / "run"
-    for delay in (0.05, 0.21, 0.43):
-        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(run), str(Path(ckpt.__file__).parent)],
-                                stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    for delay in (0.05, 0.3):
+        proc = _child(_LOOP_SAVER, run)
         try:
             assert proc.stdout.readline().strip() == "ready"
             t0 = time.time()
@@ -600,9 +653,4 @@ def test_real_kill_9_during_saves(tmp_path):
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        c = ckpt.load(run, parts=("model",))
-        assert c.verified and c.config == {"step": c.step} and torch.equal(c.model["w3"], torch.full((64, 1024), 3.0))
-        for _, p in ckpt.step_dirs(run / "checkpoints"):
-            ckpt.verify(p)
-        run_dir.clean_leftovers(run)
-        assert _hidden(run) == []
+        _check_after_kill(run)

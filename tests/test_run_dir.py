@@ -208,7 +208,7 @@ def test_torn_last_line_dropped_at_every_cut(tmp_path):
         assert run_dir.read_log(p) == (_rows(3) if complete else _rows(2)) + [{"step": 4}], cut
     for tail in (b"\x00" * 50, b"\x00" * 10 + b"\n", b"[1, 2]", b"{\"step\": 3}}", b"\xff\xfe\n"):
         p.write_bytes(good + tail)  # NULs from a crash on a filesystem with delayed allocation, other garbage
-        with pytest.warns(RuntimeWarning, match="torn last line 3"):
+        with pytest.warns(UserWarning, match="torn last line 3"):
             assert run_dir.read_log(p) == _rows(2)
 
 
@@ -232,7 +232,7 @@ def test_truncate_log_for_resume(tmp_path):
     assert run_dir.truncate_log(p, 3) == [] and not p.exists()
     p.write_text("".join(json.dumps(r) + "\n" for r in _rows(6)) + json.dumps({"event": "resumed"}) + "\n"
                  + '{"step": 7, "lo')
-    with pytest.warns(RuntimeWarning, match="torn"):
+    with pytest.warns(UserWarning, match="torn"):
         kept = run_dir.truncate_log(p, 3)
     assert kept == _rows(3) + [{"event": "resumed"}] == run_dir.read_log(p)  # rows without a step are kept
     assert os.listdir(tmp_path) == ["log.jsonl"]
@@ -263,7 +263,8 @@ def test_clean_leftovers_removes_every_kind_and_nothing_else(tmp_path):
         (d / "model.safetensors").write_bytes(b"partial")
     files = [c / ".latest.k2j3h4.tmp", c / ".latest.tmp-abcdefgh", run / ".log.jsonl.tmp-a1b2c3d4.jsonl",
              run / ".loss.png.tmp-zz_99zz9.png", run / ".loss.tmp.png",
-             run / "samples" / ".step_5.gif.tmp-abcdefgh.gif", run / "samples" / ".step_5.k3j4h5g6.gif"]
+             run / "samples" / ".step_5.gif.tmp-abcdefgh.gif", run / "samples" / ".step_5.k3j4h5g6.gif",
+             run / "samples" / ".probe-x1y2z3w4"]
     (run / "samples").mkdir()
     for f in files:
         f.write_bytes(b"partial")

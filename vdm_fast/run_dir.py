@@ -39,9 +39,9 @@ from vdm_fast._fsutil import _as_path, atomic_write_text, is_atomic_temp
 
 LOCK = ".lock"
 LOG = "log.jsonl"
-# Temp files of the writers before `_fsutil` existed: video_io's mkstemp ".<stem>.<8 chars><suffix>" and the
-# trainer's ".<stem>.tmp.png".
-_OLD_TEMPS = re.compile(r"^\..+\.([a-z0-9_]{8}\.(gif|png|mp4|webm|mkv|avi|mov)|tmp\.png)$")
+# Temp files of the writers before `_fsutil` existed (video_io's mkstemp ".<stem>.<8 chars><suffix>", the trainer's
+# ".<stem>.tmp.png") and of video_io's writability probe (".probe-<8 chars>").
+_OLD_TEMPS = re.compile(r"^(\..+\.([a-z0-9_]{8}\.(gif|png|mp4|webm|mkv|avi|mov)|tmp\.png)|\.probe-[a-z0-9_]{8})$")
 
 
 class RunFolderLocked(ValueError):
@@ -216,7 +216,7 @@ def read_log(path) -> list[dict]:
     path = _as_path(path)
     rows, _, _, torn = _split_log(path)
     if torn:
-        warnings.warn(f"{str(path)!r}: dropping the torn last {torn}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{str(path)!r}: dropping the torn last {torn}", UserWarning, stacklevel=2)
     return rows
 
 
@@ -244,7 +244,7 @@ class LogWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = self._open()
         if torn:
-            warnings.warn(f"{str(self.path)!r}: dropping the torn last {torn} before appending", RuntimeWarning,
+            warnings.warn(f"{str(self.path)!r}: dropping the torn last {torn} before appending", UserWarning,
                           stacklevel=2)
             os.ftruncate(self._fd, good)
             os.fsync(self._fd)
