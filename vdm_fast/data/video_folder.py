@@ -6,11 +6,16 @@
   centre-cropped to `size`.
 - `ImageFolder(root, size)`: every image under root: the independent images of joint image-video training.
 
-Errors are raised up front, naming the file: an empty folder, an unreadable file, videos shorter than a clip.
+Errors are raised up front, naming the file: an empty folder, videos shorter than a clip, and every bad file at once
+(the scan decodes the first frame of each video file, checks every image file's structure and decodes the first frame
+of each frame directory, whose frames must share one size). A file that fails later, at read time (a video corrupt
+past its first frame), raises `BadDataError` naming it; `skip_bad=N` drops up to N files that fail the scan (with a
+warning) instead of refusing them, and data.stream.TrainingItems replaces clips that fail at read time.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,17 @@ from torch.utils.data import Dataset
 VIDEO_EXTS = (".mp4", ".webm", ".gif", ".avi", ".mov", ".mkv", ".m4v")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTRA = 'pip install "vdm_fast[video]"'
+
+
+class BadDataError(ValueError):
+    """A data file that cannot be read; `path` names it."""
+
+    def __init__(self, message: str, path: str | Path = ""):
+        super().__init__(message)
+        self.path = str(path)
+
+    def __reduce__(self):  # crosses DataLoader worker processes intact
+        return type(self), (str(self), self.path)
 
 
 def _files(root: Path, exts: tuple[str, ...]) -> list[Path]:
@@ -73,7 +89,7 @@ def read_image(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return _rgb(np.array(im.convert("RGB")))  # a writable copy (torch.from_numpy warns otherwise)
     except Exception as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+        raise BadDataError(f"cannot read image {str(path)!r}: {e}", path) from e
 
 
 def _av():
@@ -104,7 +120,7 @@ def count_frames(path: Path) -> int:
     except ImportError:
         raise
     except Exception as e:
-        raise ValueError(f"cannot read video {str(path)!r}: {e}") from e
+        raise BadDataError(f"cannot read video {str(path)!r}: {e}", path) from e
 
 
 def read_frames(path: Path, indices: list[int]) -> np.ndarray:
@@ -129,20 +145,60 @@ def read_frames(path: Path, indices: list[int]) -> np.ndarray:
                 if i >= last:
                     break
     except Exception as e:
-        raise ValueError(f"cannot read video {str(path)!r}: {e}") from e
+        raise BadDataError(f"cannot read video {str(path)!r}: {e}", path) from e
     missing = [i for i in indices if i not in out]
     if missing:
-        raise ValueError(f"video {str(path)!r} ended before frame {missing[0]}")
+        raise BadDataError(f"video {str(path)!r} ended before frame {missing[0]}", path)
     return np.stack([out[i] for i in indices])
+
+
+def _image_header(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file after checking its structure (PNG chunk CRCs, ...) without decoding it."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError(f"reading images needs pillow: {VIDEO_EXTRA}") from e
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+        return size
+    except Exception as e:
+        raise BadDataError(f"cannot read image {str(path)!r}: {e}", path) from e
+
+
+def _scan_frame_dir(d: Path, imgs: list[Path]) -> None:
+    """Every frame's header, one size for all, and the first frame decoded."""
+    sizes = {}
+    for p in imgs:
+        sizes.setdefault(_image_header(p), p)
+    if len(sizes) > 1:
+        (s0, p0), (s1, p1) = list(sizes.items())[:2]
+        raise BadDataError(f"frame directory {str(d)!r} mixes frame sizes: {p0.name} is {s0[0]}x{s0[1]}, "
+                           f"{p1.name} is {s1[0]}x{s1[1]}", d)
+    read_image(imgs[0])
+
+
+def refuse_or_drop(bad: list[BadDataError], total: int, skip_bad: int, what: str) -> set[str]:
+    """All the bad files of a scan in one error, or (with skip_bad >= their number) their paths, with a warning."""
+    if not bad:
+        return set()
+    listed = "; ".join(str(e).replace("\n", " ") for e in bad)
+    if len(bad) > skip_bad:
+        hint = f" (--skip-bad-data {skip_bad} allows fewer)" if skip_bad else " (--skip-bad-data N skips up to N)"
+        raise ValueError(f"{len(bad)} of {total} {what} cannot be read{hint}: {listed}")
+    print(f"skipping {len(bad)} unreadable {what} (--skip-bad-data {skip_bad}): {listed}", file=sys.stderr)
+    return {e.path for e in bad}
 
 
 class VideoFolder(Dataset):
     """Clips (C, T, H, W) in [-1, 1] from the videos under `root` (files, or directories of frame images)."""
 
     num_classes = 0
+    channels = 3
 
     def __init__(self, root, size: int | tuple[int, int] = 64, frames: int = 16, *, frameskip: int = 1,
-                 seed: int = 0, skip_short: bool = False, random_start: bool = True):
+                 seed: int = 0, skip_short: bool = False, random_start: bool = True, skip_bad: int = 0):
         from vdm_fast.data.bouncing import _size2
 
         self.root, self.size = _check_root(root), _size2(size)
@@ -150,14 +206,25 @@ class VideoFolder(Dataset):
             raise ValueError(f"frames and frameskip must be >= 1, got {frames} and {frameskip}")
         self.frames, self.frameskip, self.seed, self.random_start = frames, frameskip, seed, random_start
         sources: list[tuple[Path, int, list[Path] | None]] = []
+        bad: list[BadDataError] = []
         for p in _files(self.root, VIDEO_EXTS):
-            sources.append((p, count_frames(p), None))
+            try:
+                n = count_frames(p)
+                read_frames(p, [0])
+                sources.append((p, n, None))
+            except BadDataError as e:
+                bad.append(e)
         for d in _frame_dirs(self.root):
             imgs = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-            sources.append((d, len(imgs), imgs))
-        if not sources:
+            try:
+                _scan_frame_dir(d, imgs)
+                sources.append((d, len(imgs), imgs))
+            except BadDataError as e:
+                bad.append(e)
+        if not sources and not bad:
             raise ValueError(f"data folder {str(self.root)!r} holds no videos ({', '.join(VIDEO_EXTS)}) "
                              f"and no directories of frame images ({', '.join(IMAGE_EXTS)})")
+        refuse_or_drop(bad, len(sources) + len(bad), skip_bad, f"videos under {str(self.root)!r}")
         need = self.span
         short = [(p, n) for p, n, _ in sources if n < need]
         if short and not skip_short:
@@ -202,13 +269,21 @@ class VideoFolder(Dataset):
 class ImageFolder(Dataset):
     """Images (C, H, W) in [-1, 1] under `root`, resized and centre-cropped to `size`."""
 
-    def __init__(self, root, size: int | tuple[int, int] = 64):
+    def __init__(self, root, size: int | tuple[int, int] = 64, *, skip_bad: int = 0):
         from vdm_fast.data.bouncing import _size2
 
         self.root, self.size = _check_root(root), _size2(size)
-        self.files = _files(self.root, IMAGE_EXTS)
-        if not self.files:
+        files = _files(self.root, IMAGE_EXTS)
+        if not files:
             raise ValueError(f"image folder {str(self.root)!r} holds no images ({', '.join(IMAGE_EXTS)})")
+        bad = []
+        for p in files:
+            try:
+                _image_header(p)
+            except BadDataError as e:
+                bad.append(e)
+        drop = refuse_or_drop(bad, len(files), skip_bad, f"images under {str(self.root)!r}")
+        self.files = [p for p in files if str(p) not in drop]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -227,5 +302,5 @@ def is_image_folder(root) -> bool:
     return root.is_dir() and not _files(root, VIDEO_EXTS) and bool(_files(root, IMAGE_EXTS))
 
 
-__all__ = ["VideoFolder", "ImageFolder", "resize_crop", "read_frames", "count_frames", "is_image_folder",
-           "VIDEO_EXTS", "IMAGE_EXTS"]
+__all__ = ["BadDataError", "VideoFolder", "ImageFolder", "resize_crop", "read_frames", "count_frames",
+           "is_image_folder", "refuse_or_drop", "VIDEO_EXTS", "IMAGE_EXTS"]
