@@ -553,7 +553,8 @@ def test_prune_protects_and_validates(tmp_path):
     for s in (1, 2, 3, 4):
         _save(tmp_path, s, model, opt, keep=0)
     with pytest.raises(ValueError, match="keep"):
-        ckpt.prune(tmp_path, 0)
+        ckpt.prune(tmp_path, -1)
+    assert ckpt.prune(tmp_path, 0) == []  # 0 keeps all, as save(keep=0) does
     with pytest.raises(TypeError, match="protect"):
         ckpt.prune(tmp_path, 1, protect=[1.5])
     p1 = tmp_path / "checkpoints" / "step_00000001"

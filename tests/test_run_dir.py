@@ -137,7 +137,7 @@ def test_run_lock_live_and_stale_across_processes(tmp_path):
     said = []
     with run_dir.RunLock(run, log=said.append) as lock:  # the kernel released the dead holder's flock
         assert lock.held and lock.stale["pid"] == proc.pid
-        assert len(said) == 1 and f"pid {proc.pid}" in said[0] and "stale" in said[0]
+        assert len(said) == 1 and f"pid {proc.pid}" in said[0] and "stale" in said[0] and "no longer running" in said[0]
         assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     assert not lock.held and (run / ".lock").read_text() == ""  # a clean release leaves nothing stale
     said.clear()

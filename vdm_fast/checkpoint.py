@@ -17,12 +17,17 @@ Invariants:
 - Saving is atomic twice over: a step is written into a temporary directory ``.tmp-step_*`` beside the others, the
   manifest (size and SHA-256 of every other file) written last, the directory fsynced and renamed into place (a
   directory rename is atomic), and only then is `latest` replaced (`_fsutil.atomic_write_text`). A kill at any
-  point leaves `latest` naming a complete checkpoint; what it leaves behind is removed (or, for a re-save of the same
-  step, restored) by `clean_checkpoint_dir`, which `run_dir.clean_leftovers` calls at the start of a run.
+  point leaves `latest` naming a complete checkpoint. Saving a step that exists (a resumed run) swaps the folders in
+  one atomic exchange (`_fsutil.exchange`) where the OS has it, else in two renames. What a kill leaves behind is
+  removed (or, for a killed two-rename swap, the old folder restored) by `clean_checkpoint_dir`, which
+  `run_dir.clean_leftovers` calls at the start of a run.
 - Nothing is trusted on load. `latest` must hold one step folder name (``step_<digits>``: no separator, no "..", no
   absolute path) of a real directory (not a symlink) inside this `checkpoints/`; anything else is an error naming
-  the file, and no other checkpoint is silently taken instead. Every file a load reads is checked against the
-  manifest; a part that was saved but is gone is refused unless the caller allows it (``allow_missing``).
+  the file, and no other checkpoint is silently taken instead (no `latest` at all: the newest step folder). Every
+  file a load reads is checked against the manifest (a file hashed once in this process is not hashed again while
+  its size, mtime and inode stay); a part that was saved but is gone is refused unless the caller allows it
+  (``allow_missing``: ema or optimizer, never model or state). `find_resume(run, last_good=True)` walks back from
+  what `latest` names to the newest checkpoint that verifies, saying which it took and why.
 - No NaN/Inf: `save` refuses (NonFiniteCheckpoint, before writing anything) model, EMA, optimizer or state tensors
   and optimizer hyper-parameters that are not finite, and `load` refuses a checkpoint holding any.
 - Pruning is crash-safe: a step folder is renamed to a tombstone ``.trash-step_*`` (atomic: from then on it is not a
@@ -53,7 +58,7 @@ import torch
 
 from vdm_fast._fsutil import atomic_write_text, exchange, fsync_dir, is_atomic_temp
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_([0-9]+)\Z")  # ASCII digits, no trailing newline (as `$` would allow)
 LATEST = "latest"
 MANIFEST = "manifest.json"
 FORMAT = 2
@@ -326,8 +331,7 @@ def save(run_dir, step: int, *, config: dict, model: dict[str, torch.Tensor], em
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(ckpt_dir / LATEST, name + "\n")
-    if keep:
-        prune(run_dir, keep, protect=final)
+    prune(run_dir, keep or 0, protect=final)
     return final
 
 
@@ -401,11 +405,12 @@ def exists(run_dir) -> bool:
         return True
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
+    """The default `log` of checkpoints and the run folder: one line on stderr."""
     print(msg, file=sys.stderr)
 
 
-def find_resume(run, last_good: bool = False, *, log=_say) -> Path:
+def find_resume(run, last_good: bool = False, *, log=say) -> Path:
     """The checkpoint to resume `run` from: the one `latest` names (else the newest). With last_good=True, the newest
     intact one at or before it (`verify`), saying which it took and why newer ones were skipped. FileNotFoundError if
     there is none (or none intact); CheckpointError for an untrustworthy `latest`, whatever last_good says."""
@@ -558,7 +563,7 @@ def load(path, *, map_location="cpu", parts=PARTS, allow_missing=()) -> Checkpoi
         if any((d / f).exists() for f in PART_FILES[part]):
             return False
         # verify let it through: all its files are gone and the caller allowed that
-        _say(f"{str(d)!r}: its {part} is missing (allowed): going on without it")
+        say(f"{str(d)!r}: its {part} is missing (allowed): going on without it")
         return True
 
     def checked(tensors: dict, fname: str) -> dict:
@@ -604,12 +609,14 @@ def _protected(ckpt_dir: Path, protect) -> set[Path]:
 
 
 def prune(run, keep: int, protect: Path | int | Iterable | None = None) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints of `run`, crash-safely: each is renamed to a tombstone first (an
-    atomic rename: a kill leaves it either a whole checkpoint or no checkpoint at all), then deleted. Never removes
-    the newest checkpoint, the one `latest` names, nor `protect` (step folders or step numbers). Returns what was
-    deleted."""
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    """Delete all but the newest `keep` checkpoints of `run` (0: keep all), crash-safely: each is renamed to a
+    tombstone first (an atomic rename: a kill leaves it either a whole checkpoint or no checkpoint at all), then
+    deleted. Never removes the newest checkpoint, the one `latest` names, nor `protect` (step folders or step
+    numbers). Returns what was deleted."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be an int >= 0 (0: keep all), got {keep!r}")
+    if keep == 0:
+        return []
     run = Path(run)
     ckpt_dir = run if run.name == "checkpoints" else _ckpt_dir(run)
     keep_set = _protected(ckpt_dir, protect)

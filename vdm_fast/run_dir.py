@@ -29,7 +29,6 @@ import json
 import os
 import re
 import socket
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,10 +47,6 @@ class RunFolderLocked(ValueError):
     """Another live process holds the run folder."""
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
 # ------------------------------------------------------------------------------------------------------------- lock
 def _read_record(fd: int) -> dict:
     try:
@@ -68,12 +63,26 @@ def _holder(rec: dict) -> str:
     return f"pid {rec.get('pid', '?')} on {rec.get('host', '?')} (since {rec.get('since', '?')})"
 
 
+def _alive_note(rec: dict) -> str:
+    """Why a stale record may name a running process: the kernel reuses pids."""
+    pid = rec.get("pid")
+    if rec.get("host") != socket.gethostname() or isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return ""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return " (it is no longer running)"
+    except OSError:
+        pass
+    return f" (pid {pid} is running but holds no lock: another process reusing the pid of a trainer that died)"
+
+
 class RunLock:
     """Hold `run_path` for this process: ``with RunLock(run): ...``. Creates the folder if needed. Raises
     RunFolderLocked (a ValueError) if another process holds it; takes over a stale lock left by a dead process,
     saying so through `log` (default: a line on stderr). `stale`: the dead holder's record when one was taken over."""
 
-    def __init__(self, run_path, *, log=_say):
+    def __init__(self, run_path, *, log=ckpt.say):
         self.run_path = _as_path(run_path, "run_path")
         self.path = self.run_path / LOCK
         self._log = log
@@ -101,8 +110,8 @@ class RunLock:
             rec = _read_record(fd)
             if rec:  # a record whose writer no longer holds the lock: it died without releasing
                 self.stale = rec
-                self._log(f"{str(self.path)!r}: taking over the stale lock of {_holder(rec)}, which is no longer "
-                          "running")
+                self._log(f"{str(self.path)!r}: taking over the stale lock of {_holder(rec)}, which no longer "
+                          f"holds it{_alive_note(rec)}")
             data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
             os.ftruncate(fd, 0)
