@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_runtime_probe.h"
 #include "rel_pos_bias.h"
 
 namespace py = pybind11;
@@ -41,8 +42,29 @@ RelPosBiasProblem make_problem(int64_t batch, int64_t frames, int64_t heads, int
 }
 
 #ifdef VDM_FAST_WITH_CUDA
+// Before any CUDA call of an op: where the driver is missing or too old, say so instead of a runtime error code.
+void require_cuda(const char* what) {
+  const std::string reason = vdm_fast::cuda_unavailable_reason(vdm_fast::cuda_probe());
+  if (!reason.empty()) throw std::runtime_error(std::string(what) + ": CUDA code cannot run here: " + reason);
+}
+
+// After a launch: a negative code is an error an earlier CUDA call had left pending (not this op's).
 void check_cuda(int code, const char* what) {
-  if (code != 0) throw std::runtime_error(std::string(what) + ": " + vdm_fast::cuda_error_string(code));
+  if (code < 0)
+    throw std::runtime_error(std::string(what) + ": a CUDA error was already pending before the launch, left by an "
+                             "earlier CUDA call (not by this op; the launch did not run): " +
+                             vdm_fast::cuda_error_string(-code));
+  if (code != 0) throw std::runtime_error(std::string(what) + ": launch failed: " + vdm_fast::cuda_error_string(code));
+}
+
+py::dict probe_dict(const vdm_fast::CudaProbe& p) {
+  py::dict d;
+  d["runtime_version"] = p.runtime_version;
+  d["driver_version"] = p.driver_version;
+  d["device_count"] = p.device_count;
+  d["error"] = p.error;
+  d["reason"] = vdm_fast::cuda_unavailable_reason(p);
+  return d;
 }
 #endif
 
@@ -58,6 +80,7 @@ void forward(const std::string& device, uintptr_t table, int64_t table_stride_k,
     vdm_fast::rel_pos_bias_forward_cpu(p, t, table_stride_k, table_stride_h, as_dtype(dtype), o);
   } else if (device == "cuda") {
 #ifdef VDM_FAST_WITH_CUDA
+    require_cuda("rel_pos_bias forward");
     check_cuda(vdm_fast::rel_pos_bias_forward_cuda(p, t, table_stride_k, table_stride_h, as_dtype(dtype), o, stream),
                "rel_pos_bias forward");
 #else
@@ -82,6 +105,7 @@ void backward(const std::string& device, uintptr_t grad, std::vector<int64_t> gr
     vdm_fast::rel_pos_bias_backward_cpu(p, g, grad_strides.data(), as_dtype(dtype), gt);
   } else if (device == "cuda") {
 #ifdef VDM_FAST_WITH_CUDA
+    require_cuda("rel_pos_bias backward");
     check_cuda(vdm_fast::rel_pos_bias_backward_cuda(p, g, grad_strides.data(), as_dtype(dtype), gt, stream),
                "rel_pos_bias backward");
 #else
@@ -99,7 +123,15 @@ PYBIND11_MODULE(_C, m) {
 #ifdef VDM_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_runtime_version", &vdm_fast::cuda_runtime_version, "CUDA runtime version linked in (e.g. 13000)");
-  m.def("cuda_device_count", &vdm_fast::cuda_device_count, "GPUs the static runtime sees (0 without a driver)");
+  m.def("cuda_probe", [] { return probe_dict(vdm_fast::cuda_probe()); },
+        "The driver probe, once per process: runtime_version, driver_version (0: no driver), device_count, error, "
+        "reason ('' when CUDA code can run)");
+  m.def("explain_cuda_probe",
+        [](int runtime_version, int driver_version, int device_count, int error) {
+          return probe_dict(vdm_fast::CudaProbe{runtime_version, driver_version, device_count, error});
+        },
+        py::arg("runtime_version"), py::arg("driver_version"), py::arg("device_count") = 1, py::arg("error") = 0,
+        "cuda_probe's result for made-up values (tests: an old driver, no device)");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -39,15 +39,14 @@ void rel_pos_bias_backward_cpu(const RelPosBiasProblem& p, const void* grad, con
                                DType dtype, float* grad_table);
 
 #ifdef VDM_FAST_WITH_CUDA
-// Same contracts on device pointers, launched on `stream` (a cudaStream_t as an integer). Return a CUDA error
-// code (0 = success) so the binding can raise with the message.
+// Same contracts on device pointers, launched on `stream` (a cudaStream_t as an integer). Return 0 on success, the
+// launch's cudaError_t if it failed, or minus the cudaError_t an earlier CUDA call had left pending (read and cleared
+// before the launch), so the binding can say whose error it is.
 int rel_pos_bias_forward_cuda(const RelPosBiasProblem& p, const void* table, int64_t table_stride_k,
                               int64_t table_stride_h, DType dtype, void* out, uintptr_t stream);
 int rel_pos_bias_backward_cuda(const RelPosBiasProblem& p, const void* grad, const int64_t grad_strides[4],
                                DType dtype, float* grad_table, uintptr_t stream);
-const char* cuda_error_string(int code);
 int cuda_runtime_version();
-int cuda_device_count();
 #endif
 
 VDM_HOST_DEVICE inline int64_t rel_pos_bucket(const RelPosBiasProblem& p, int64_t b, int64_t i, int64_t j) {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -186,3 +187,132 @@ def test_dispatch_respects_an_ops_minimum_triton(monkeypatch):
         assert _dispatch.describe(SPEC, "cuda").startswith("reference (its kernels need Triton >= 3.4")
     with vdm_fast.backend("triton"):
         assert "Triton >= 3.4" in _dispatch.describe(SPEC, "cuda")
+
+
+# ------------------------------------------------------------------------------------------- extension CUDA side
+
+def _needs_cuda_build():
+    if not _ext.module().with_cuda:
+        pytest.fail("this test checks the CUDA build's probe: test_extension_reports_cuda_build says why it is absent")
+
+
+def test_cuda_probe_on_this_machine():
+    """The probe agrees with torch about whether CUDA code can run; without, devices() omits "cuda" and says why."""
+    _needs_cuda_build()
+    probe = _ext.cuda_probe()
+    assert probe["runtime_version"] >= 11000
+    assert probe is not _ext.cuda_probe() and probe == _ext.cuda_probe()  # a copy of one cached result
+    if GPU:
+        assert probe["reason"] == "" and "cuda" in _ext.devices()
+    else:
+        assert probe["reason"] and _ext.devices() == ("cpu",)
+        assert "cannot run here: " + probe["reason"] in _ext.status()
+
+
+@pytest.mark.parametrize("runtime,driver,count,error,want", [
+    (13000, 0, 0, 0, "no CUDA driver"),
+    (13000, 12040, 1, 0, r"supports CUDA 12\.4.*CUDA 13\.0 runtime.*R580"),
+    (13020, 12090, 1, 0, r"CUDA 13\.0 or newer"),
+    (12040, 11080, 1, 0, r"R525"),
+    (13000, 13000, 0, 100, "cudaGetDeviceCount failed: no CUDA-capable device"),
+    (13000, 13010, 0, 0, "no CUDA device is visible"),
+    (13020, 13000, 2, 0, "^$"),  # minor-version compatibility: a 13.0 driver runs the 13.2 runtime
+    (12080, 13000, 1, 0, "^$"),
+])
+def test_probe_reasons(runtime, driver, count, error, want):
+    _needs_cuda_build()
+    got = _ext.module().explain_cuda_probe(runtime, driver, count, error)
+    assert re.search(want, got["reason"]), got["reason"]
+
+
+def _stub_probe(monkeypatch, **values):
+    probe = dict(_ext.module().explain_cuda_probe(**values))
+    monkeypatch.setattr(_ext, "cuda_probe", lambda: dict(probe))
+    return probe
+
+
+def test_old_driver_means_no_cuda_device_and_info_says_why(monkeypatch):
+    """A stub probe for an R550 driver (CUDA 12.4) under the CUDA 13 runtime: no "cuda" in devices(), the
+    dispatcher runs the reference on CUDA tensors in auto mode and refuses a forced backend, both with the reason,
+    and `vdm-fast info` prints it; a new enough driver gives "cuda" back."""
+    _needs_cuda_build()
+    from vdm_fast import _dispatch, info
+    from vdm_fast.ops.rel_pos_bias import SPEC
+
+    _stub_probe(monkeypatch, runtime_version=13000, driver_version=12040, device_count=1)
+    assert _ext.devices() == ("cpu",)
+    with vdm_fast.backend("auto"):
+        assert _dispatch.select(SPEC, torch.device("cuda"), torch.float32) == "reference"
+        assert re.search(r"reference \(vdm_fast._C cannot run CUDA code here: .*R580", _dispatch.describe(SPEC, "cuda"))
+    with vdm_fast.backend("triton"), pytest.raises(_dispatch.BackendUnavailable, match="R580"):
+        _dispatch.select(SPEC, torch.device("cuda"), torch.float32)
+    assert "driver supports CUDA 12.4" in info.report()
+    _stub_probe(monkeypatch, runtime_version=13000, driver_version=13000, device_count=1)
+    assert _ext.devices() == ("cpu", "cuda") and "cannot run" not in _ext.status()
+
+
+def test_binding_refuses_cuda_code_that_cannot_run():
+    """Called directly for CUDA on a machine where CUDA code cannot run, the binding raises with the probe's reason
+    before any CUDA call or pointer use (the pointers here are made up)."""
+    _needs_cuda_build()
+    reason = _ext.cuda_probe()["reason"]
+    if not reason:
+        pytest.skip("CUDA code can run here: the refusal needs a machine without a usable driver")
+    args = dict(table_stride_k=4, table_stride_h=1, dtype=0, num_buckets=32, heads=4, positions=16,
+                pos_stride_b=3, pos_stride_t=1, batch=1, frames=3, lut=32, max_distance=32, out=64)
+    with pytest.raises(RuntimeError, match=re.escape("rel_pos_bias forward: CUDA code cannot run here: " + reason)):
+        _ext.module().rel_pos_bias_forward(device="cuda", table=8, **args)
+    with pytest.raises(RuntimeError, match="rel_pos_bias backward: CUDA code cannot run here"):
+        _ext.module().rel_pos_bias_backward(device="cuda", grad=8, grad_strides=[48, 12, 3, 1], dtype=0,
+                                            num_buckets=32, heads=4, positions=16, pos_stride_b=3, pos_stride_t=1,
+                                            batch=1, frames=3, lut=32, max_distance=32, grad_table=64)
+
+
+# ------------------------------------------------------------------------ video-diffusion-pytorch interop
+
+class _VdpRelativePositionBias(torch.nn.Module):
+    """video-diffusion-pytorch 0.6's RelativePositionBias, its attributes and forward written out here as the spec
+    (its package needs a torchvision matching torch, which this machine lacks)."""
+
+    def __init__(self, heads=8, num_buckets=32, max_distance=128):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.relative_attention_bias = torch.nn.Embedding(num_buckets, heads)
+
+    def forward(self, n):
+        q_pos = torch.arange(n, dtype=torch.long)
+        rel_pos = q_pos[None, :] - q_pos[:, None]
+        rp_bucket = hf_t5_bucket(rel_pos, True, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(rp_bucket).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(heads=4, num_buckets=16, max_distance=40)])
+def test_from_video_diffusion_pytorch_matches_it(kwargs):
+    theirs = _VdpRelativePositionBias(**kwargs)
+    for source in (theirs, theirs.state_dict()):
+        extra = {} if isinstance(source, torch.nn.Module) else dict(max_distance=theirs.max_distance)
+        ours = RelativePositionBias.from_video_diffusion_pytorch(source, **extra)
+        assert ours.max_distance == theirs.max_distance and ours.num_buckets == theirs.num_buckets
+        for n in (1, 11, 40, 300):  # past T = 11 a max_distance of 32 would give other buckets
+            assert torch.equal(ours(n), theirs(n))
+    # The trap it avoids: a default-built layer loads their default state_dict strictly and differs from T = 11.
+    vdp = _VdpRelativePositionBias()
+    default = RelativePositionBias()
+    default.load_state_dict(vdp.state_dict())
+    assert torch.equal(default(10), vdp(10)) and not torch.equal(default(300), vdp(300))
+    fresh = RelativePositionBias.from_video_diffusion_pytorch()
+    assert (fresh.heads, fresh.num_buckets, fresh.max_distance) == (8, 32, 128)
+
+
+def test_from_video_diffusion_pytorch_refuses_contradictions():
+    theirs = _VdpRelativePositionBias(heads=4)
+    with pytest.raises(ValueError, match="max_distance=32 contradicts"):
+        RelativePositionBias.from_video_diffusion_pytorch(theirs, max_distance=32)
+    with pytest.raises(ValueError, match="heads=8 contradicts"):
+        RelativePositionBias.from_video_diffusion_pytorch(theirs.state_dict(), heads=8)
+    with pytest.raises(TypeError, match="source"):
+        RelativePositionBias.from_video_diffusion_pytorch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="relative_attention_bias.weight"):
+        RelativePositionBias.from_video_diffusion_pytorch({})
+    with pytest.raises(ValueError, match="max_distance"):
+        RelativePositionBias(4, 32, 0)

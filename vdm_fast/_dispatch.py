@@ -127,7 +127,7 @@ def _fast_impl(spec: OpSpec, device: torch.device) -> tuple[str | None, str]:
             return "ext", ""
         from vdm_fast import _ext
 
-        return None, f"vdm_fast._C has no {device.type} code ({_ext.status()})"
+        return None, _ext.why_not(device.type)
     return None, f"{spec.name} has no fast implementation for device {device.type!r}"
 
 

@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../cuda_runtime_probe.h"
 #include "../rel_pos_bias.h"
 
 namespace vdm_fast {
@@ -55,6 +56,7 @@ int rel_pos_bias_forward_cuda(const RelPosBiasProblem& p, const void* table, int
   const int64_t want = (total + kThreads - 1) / kThreads;
   const unsigned blocks = (unsigned)(want < 65535 * 8 ? want : 65535 * 8);
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (const int pending = take_pending_cuda_error()) return -pending;
   if (dtype == DType::kFloat32)
     forward_kernel<<<blocks, kThreads, 0, s>>>(p, static_cast<const uint32_t*>(table), sk, sh,
                                                  static_cast<uint32_t*>(out));
@@ -69,6 +71,7 @@ int rel_pos_bias_backward_cuda(const RelPosBiasProblem& p, const void* grad, con
   if (p.num_buckets == 0 || p.heads == 0) return 0;
   const dim3 grid((unsigned)p.num_buckets, (unsigned)p.heads);
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (const int pending = take_pending_cuda_error()) return -pending;
   switch (dtype) {
     case DType::kFloat32:
       backward_kernel<<<grid, kThreads, 0, s>>>(p, static_cast<const float*>(grad), gs[0], gs[1], gs[2], gs[3],
@@ -85,21 +88,6 @@ int rel_pos_bias_backward_cuda(const RelPosBiasProblem& p, const void* grad, con
   return (int)cudaGetLastError();
 }
 
-const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
-
-int cuda_runtime_version() {
-  int v = 0;
-  cudaRuntimeGetVersion(&v);
-  return v;
-}
-
-int cuda_device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return 0;
-  }
-  return n;
-}
+int cuda_runtime_version() { return cuda_probe().runtime_version; }
 
 }  // namespace vdm_fast
