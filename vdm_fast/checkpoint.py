@@ -24,10 +24,10 @@ Invariants:
 - Nothing is trusted on load. `latest` must hold one step folder name (``step_<digits>``: no separator, no "..", no
   absolute path) of a real directory (not a symlink) inside this `checkpoints/`; anything else is an error naming
   the file, and no other checkpoint is silently taken instead (no `latest` at all: the newest step folder). Every
-  file a load reads is checked against the manifest (a file hashed once in this process is not hashed again while
-  its size, mtime and inode stay); a part that was saved but is gone is refused unless the caller allows it
-  (``allow_missing``: ema or optimizer, never model or state). `find_resume(run, last_good=True)` walks back from
-  what `latest` names to the newest checkpoint that verifies, saying which it took and why.
+  file a load reads is hashed and checked against the manifest; a part that was saved but is gone is refused unless
+  the caller allows it (``allow_missing``: ema or optimizer, never model or state). `find_resume(run,
+  last_good=True)` walks back from what `latest` names to the newest checkpoint that verifies, saying which it took
+  and why.
 - No NaN/Inf: `save` refuses (NonFiniteCheckpoint, before writing anything) model, EMA, optimizer or state tensors
   and optimizer hyper-parameters that are not finite, and `load` refuses a checkpoint holding any.
 - Pruning is crash-safe: a step folder is renamed to a tombstone ``.trash-step_*`` (atomic: from then on it is not a
@@ -182,6 +182,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file, the files in parallel threads (hashlib releases the GIL): one stream hashes at about
+    0.5-2 GB/s, and a big model's checkpoint holds several large files."""
+    if len(paths) < 2:
+        return [_sha256(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor  # only here; the pool lives for one call
+
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 # ------------------------------------------------------------------------------------------------------- finiteness
 def _first_nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
     for k, v in tensors.items():
@@ -306,13 +317,14 @@ def save(run_dir, step: int, *, config: dict, model: dict[str, torch.Tensor], em
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=ckpt_dir))
     final = ckpt_dir / name
     try:
-        manifest = {}
         for fname, content in files.items():
             if isinstance(content, dict):
                 _save_tensors(tmp / fname, content)
             else:
                 _write_bytes(tmp / fname, content)
-            manifest[fname] = {"size": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
+        # Hashed from the disk, after every write: the manifest vouches for the bytes a load will read.
+        digests = _sha256_all([tmp / f for f in files])
+        manifest = {f: {"size": (tmp / f).stat().st_size, "sha256": h} for f, h in zip(files, digests)}
         _write_bytes(tmp / MANIFEST, _dump_json({"format": FORMAT, "files": manifest}))
         os.chmod(tmp, 0o755)
         fsync_dir(tmp)
@@ -441,14 +453,6 @@ def _step_of(path: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------------------- verifying
 _WARNED_UNVERIFIED: set[str] = set()
-# Step folders hashed in this process, with the (size, mtime_ns, inode) of each file then: a load right after
-# find_resume(last_good=True) does not hash a big checkpoint twice.
-_VERIFIED: dict[tuple[str, str], tuple] = {}
-
-
-def _stat_key(path: Path) -> tuple:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _meta(d: Path) -> dict:
@@ -525,18 +529,19 @@ def verify(path, parts=PARTS, *, allow_missing=()) -> bool:
             raise CheckpointError(f"{str(f)!r} is not a regular file")
         if st.st_size != entry.get("size"):
             raise CheckpointError(f"{str(f)!r} has {st.st_size} bytes, the manifest says {entry.get('size')}")
-        key, sig = (str(d.resolve()), n), _stat_key(f)
-        if _VERIFIED.get(key) == sig:
-            return
-        if _sha256(f) != entry.get("sha256"):
-            raise CheckpointError(f"{str(f)!r} fails verification: its SHA-256 differs from the manifest's "
-                                  "(corrupted or modified)")
-        _VERIFIED[key] = sig
 
-    for n in ALWAYS:  # before state.json is parsed: a flipped byte there must read as corruption, not bad JSON
-        check(n)
-    for n in needed(_meta(d)):
-        check(n)
+    def check_all(batch: list[str]) -> None:
+        for n in batch:  # the cheap checks first, for every file
+            check(n)
+        # Hashed on every call, never cached by (size, mtime): file times come from a coarse clock (a jiffy), so a
+        # byte flipped just after a save could keep both.
+        for n, h in zip(batch, _sha256_all([d / n for n in batch])):
+            if h != files[n].get("sha256"):
+                raise CheckpointError(f"{str(d / n)!r} fails verification: its SHA-256 differs from the manifest's "
+                                      "(corrupted or modified)")
+
+    check_all(list(ALWAYS))  # before state.json is parsed: a flipped byte there must read as corruption, not bad JSON
+    check_all(needed(_meta(d)))
     return True
 
 
