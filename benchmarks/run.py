@@ -36,8 +36,8 @@ from . import common
 WIDTH = 120
 DEFAULT_OUT = "vdm-fast-bench"
 # (field, title, width, right-aligned): a row's cells wrap inside their column; the op names the group above.
-COLUMNS = [("shape", "shape", 20, False), ("dtype", "dtype", 8, False), ("contender", "contender", 24, False),
-           ("layout", "layout / note", 14, False), ("ms", "ms", 7, True), ("spread", "±%", 4, True),
+COLUMNS = [("shape", "shape", 20, False), ("dtype", "dtype", 8, False), ("contender", "contender", 21, False),
+           ("layout", "layout / note", 17, False), ("ms", "ms", 7, True), ("spread", "±%", 4, True),
            ("baseline_ms", "base ms", 7, True), ("speedup", "speedup (range)", 17, True),
            ("gbps", "GB/s", 5, True), ("threads", "thr", 3, True)]
 
@@ -47,7 +47,10 @@ def modules(name_filter: str = "") -> list[str]:
 
     names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("bench_"))
     wanted = [f.strip() for f in name_filter.split(",") if f.strip()]
-    return [n for n in names if not wanted or any(w in n for w in wanted)]
+    if not wanted:
+        return names
+    # In the filter's order (gpu_check.sh runs the headline benchmarks first), each name once.
+    return list(dict.fromkeys(n for w in wanted for n in names if w in n))
 
 
 def _cpu_name() -> str:
@@ -93,8 +96,9 @@ def header(env: dict, quick: bool, repeats: int) -> str:
         # No CUDA version here: the one torch was built for is in the JSON (torch_cuda_build), not a device fact.
         where = (f"{env['device']}, {env.get('cpu_count')} cores, {env.get('threads')} torch threads; no CUDA GPU "
                  "visible")
-    return (f"vdm-fast bench on {where}\ntorch {env['torch']}, triton {env.get('triton') or 'not installed'}, "
-            f"{'--quick, ' if quick else ''}at least {repeats} repeats per timing, {env['date']}")
+    versions = (f"torch {env['torch']}, triton {env.get('triton') or 'not installed'}, "
+                f"{'--quick, ' if quick else ''}at least {repeats} repeats per timing, {env['date']}")
+    return "\n".join(textwrap.wrap(f"vdm-fast bench on {where}", WIDTH) + [versions])
 
 
 # ---------------------------------------------------------------------------------------------------------- table
@@ -139,17 +143,18 @@ def _render_row(cells: dict) -> list[str]:
 
 
 def gpu_only_summary(rows: list[dict]) -> str:
-    """One line naming the rows that need a CUDA GPU (with counts), or '' when there are none."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        if r.get("needs_gpu"):
-            counts[r["op"]] = counts.get(r["op"], 0) + 1
-    if not counts:
+    """One line (at most WIDTH columns) naming the ops whose rows need a CUDA GPU, or '' when there are none."""
+    skipped = [r for r in rows if r.get("needs_gpu")]
+    if not skipped:
         return ""
-    names = ", ".join(f"{op} (x{n})" if n > 1 else op for op, n in counts.items())
-    text = (f"Need a CUDA GPU, not run here ({sum(counts.values())} rows, kept in the JSON): {names}. "
-            "Their Triton kernels run on CPU only under the interpreter, which is for testing, not timing.")
-    return "\n".join(textwrap.wrap(text, WIDTH))
+    ops = list(dict.fromkeys(r["op"].split()[0] for r in skipped))  # "group_norm_silu fwd" -> "group_norm_silu"
+    head = f"{len(skipped)} rows need a CUDA GPU, not run here (kept in the JSON): "
+    for k in range(len(ops), 0, -1):
+        more = f" and {len(ops) - k} more" if k < len(ops) else ""
+        line = head + ", ".join(ops[:k]) + more
+        if len(line) <= WIDTH:
+            return line
+    return head.rstrip(": ")
 
 
 def table(rows: list[dict]) -> str:
@@ -200,6 +205,20 @@ def check_out_dir(out: Path) -> Path:
     except OSError as e:
         raise ValueError(f"--out {str(out)!r} is not a writable folder: {e.strerror or e}") from None
     return out
+
+
+def replace(path: Path, data: bytes) -> None:
+    """Rewrite this run's own result file atomically (a temp file moved over it): a reader, or a run killed by its
+    time cap, finds the previous complete version or the new one, never half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def write_new(path: Path, data: bytes) -> Path:
@@ -269,6 +288,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"at least this many timed runs per CPU timing (default: {common.settings.repeats})")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's default; each CPU row records its count)")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="write no plot")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
 
 
@@ -292,10 +312,22 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"ceilings: device copy {copy_bw:.0f} GB/s (read + write), bf16 matmul {tflops:.0f} TFLOP/s")
     else:
         copy_bw = tflops = None
-        print("ceilings: the device copy bandwidth and bf16 matmul rate are GPU ceilings, measured on a CUDA GPU "
-              "only (null in the JSON here), so no row shows a % of copy bandwidth.")
+        print("\n".join(textwrap.wrap("ceilings: the device copy bandwidth and bf16 matmul rate are GPU ceilings, "
+                                     "measured on a CUDA GPU only (null in the JSON here), so no row shows a % of "
+                                     "copy bandwidth.", WIDTH)))
     env["copy_bandwidth_gbps"], env["bf16_matmul_tflops"] = copy_bw, tflops
+    settings = {"quick": args.quick, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                "filter": args.filter, "noisy_spread": common.NOISY_SPREAD}
     rows: list[dict] = []
+
+    def dump() -> bytes:
+        return json.dumps({"environment": env, "quick": args.quick, "settings": settings, "rows": rows,
+                           "complete": len(done) == len(names)}, indent=1).encode()
+
+    # The file is claimed (by a unique name) before the first module and rewritten after each one, so a run cut
+    # short (Ctrl-C, a time cap) keeps what it measured.
+    done: list[str] = []
+    path = write_new(out / f"{result_stem(env)}.json", dump())
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name.removeprefix('bench_')}", file=sys.stderr, flush=True)
         try:
@@ -310,15 +342,14 @@ def run_from_args(args: argparse.Namespace) -> int:
             if copy_bw and r.get("gbps"):
                 r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_bw
             rows.append(r)
+        done.append(name)
+        replace(path, dump())
     print(table(rows))
-    settings = {"quick": args.quick, "repeats": args.repeats, "threads": torch.get_num_threads(),
-                "filter": args.filter, "noisy_spread": common.NOISY_SPREAD}
-    data = {"environment": env, "quick": args.quick, "settings": settings, "rows": rows}
-    stem = result_stem(env)
-    path = write_new(out / f"{stem}.json", json.dumps(data, indent=1).encode())
-    made = plot(rows, path.with_suffix(".png"), f"vdm_fast on {env['device']} ({env['date'][:10]}), "
-                f"{'quick, ' if args.quick else ''}{torch.get_num_threads()} threads")
-    print(f"wrote {path}; {made}")
+    made = "no plot (--no-plot)"
+    if args.plot:
+        made = plot(rows, path.with_suffix(".png"), f"vdm_fast on {env['device']} ({env['date'][:10]}), "
+                    f"{'quick, ' if args.quick else ''}{torch.get_num_threads()} threads")
+    print(f"wrote {path}\n{made}")
     return 0
 
 
