@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, DTYPES, GPU, TOL, assert_close, strided
+from helpers import DEVICE, TOL, assert_close, strided
+from op_contract import OpContract
 from torch import nn
 
 import vdm_fast
@@ -71,58 +72,162 @@ def _check(inputs, G, per_frame=False, activation="silu", tol=None):
         assert_close(g, wg, tol, name)
 
 
-# (shape, num_groups, per_frame): odd sizes, one group, C groups, a 64-channel group, 3-D / 4-D / 5-D.
+# (shape, num_groups, per_frame): odd sizes, one group, C groups, a 64-channel group, 3-D / 4-D / 5-D; channels_last
+# with 2, 3 and 4 channels per group (several groups per program), and a 4-channel bf16-aligned case.
 SHAPES = [
     ((2, 8, 5, 6), 2, False),
     ((3, 6, 7), 3, False),
     ((2, 12, 3, 4, 5), 4, True),
     ((2, 12, 3, 4, 5), 3, False),
-    ((1, 5, 9, 3), 1, False),
     ((2, 6, 4, 5), 6, False),
     ((2, 64, 3, 3), 1, False),
     ((1, 10, 5, 33, 17), 5, True),
+    ((2, 16, 2, 4, 4), 4, True),
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fmt", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape,G,per_frame", SHAPES)
-def test_matches_reference(shape, G, per_frame, fmt, dtype):
-    if fmt and len(shape) == 3:
-        pytest.skip("no channels_last format for 3-D input")
-    _check(_inputs(shape, dtype, fmt=fmt), G, per_frame)
+class TestGroupNormSiLUContract(OpContract):
+    """The shared op contract (tests/op_contract.py) on every shape above, contiguous and channels_last(_3d): fp64
+    reference agreement of y and every gradient within k x the same-precision baseline, strided views, opcheck,
+    torch.compile (aot_eager and Inductor), bad input, bitwise-deterministic backward, device mix."""
+
+    differentiable = ("x", "weight", "bias", "scale", "shift")
+    cases = [(f"{'x'.join(map(str, shape))}-G{G}{'-pf' if pf else ''}-{'cl' if cl else 'cf'}",
+              dict(shape=shape, G=G, per_frame=pf, cl=cl))
+             for shape, G, pf in SHAPES for cl in (False, True) if not (cl and len(shape) == 3)]
+    bad_inputs = [
+        (dict(x=torch.randn(2, 6)), ValueError, "x"),
+        (dict(x=torch.randn(2, 6, 1, 1, 1, 1)), ValueError, "x"),
+        (dict(x=torch.randint(0, 3, (2, 6, 4))), TypeError, "x"),
+        (dict(x=[[0.0] * 4] * 6), TypeError, "x"),
+        (dict(num_groups=4), ValueError, "num_groups"),
+        (dict(num_groups=0), ValueError, "num_groups"),
+        (dict(num_groups=2.0), TypeError, "num_groups"),
+        (dict(num_groups=True), TypeError, "num_groups"),
+        (dict(weight=torch.randn(5)), ValueError, "weight"),
+        (dict(bias=torch.randn(6, 1)), ValueError, "bias"),
+        (dict(scale=torch.randn(6)), ValueError, "scale"),
+        (dict(scale=torch.randn(3, 6)), ValueError, "scale"),
+        (dict(shift=torch.randn(2, 6, 1)), ValueError, "shift"),
+        (dict(scale=torch.randint(0, 2, (2, 6))), TypeError, "scale"),
+        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(eps=float("inf")), ValueError, "eps"),
+        (dict(eps=float("nan")), ValueError, "eps"),
+        (dict(eps="1e-5"), TypeError, "eps"),
+        (dict(activation="gelu"), ValueError, "activation"),
+        (dict(per_frame=1), TypeError, "per_frame"),
+        (dict(weight=[1.0] * 6), TypeError, "weight"),
+    ]
+
+    def make_inputs(self, params, dtype, device):
+        shape = params["shape"]
+        x, w, b, s, sh = _inputs(shape, dtype, fmt=params["cl"], device=device)
+        return dict(x=x, num_groups=params["G"], weight=w, bias=b, eps=1e-5, scale=s, shift=sh,
+                    activation="silu", per_frame=params["per_frame"])
+
+    def bad_base(self):
+        return dict(x=torch.randn(2, 6, 4), num_groups=3, weight=None, bias=None, eps=1e-5, scale=None, shift=None,
+                    activation="silu", per_frame=False)
+
+    def reference(self, x, num_groups, weight, bias, eps, scale, shift, activation, per_frame):
+        return ref.group_norm_silu(x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation,
+                                   per_frame=per_frame)
+
+    def fast(self, x, num_groups, weight, bias, eps, scale, shift, activation, per_frame):
+        y = ops.group_norm_silu(x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation,
+                                per_frame=per_frame)
+        if not torch.compiler.is_compiling():  # the output takes x's memory format
+            assert y.stride() == torch.empty_like(x, memory_format=memory_format(x)).stride()
+        return y
+
+    def opcheck_cases(self):
+        return [dict(shape=(1, 4, 2, 2, 2), G=2, per_frame=True, cl=True)]  # fp32: 2 groups per program
+
+    def opcheck_calls(self, inputs):
+        x, G, w, b, s, sh, pf = (inputs[k] for k in ("x", "num_groups", "weight", "bias", "scale", "shift",
+                                                     "per_frame"))
+        op = torch.ops.vdm_fast.group_norm_silu.default
+        with vdm_fast.backend("triton"):
+            y, stats = op(x.detach(), G, w.detach(), b.detach(), 1e-5, s.detach(), sh.detach(), True, pf, "triton")
+        bwd = torch.ops.vdm_fast.group_norm_silu_backward.default
+        return [(op, (x, G, w, b, 1e-5, s, sh, True, pf, "triton")),
+                (op, (x.detach(), G, None, None, 1e-6, None, None, False, pf, "triton")),
+                (bwd, (torch.randn_like(y), x.detach(), stats, G, w.detach(), b.detach(), s.detach(), sh.detach(),
+                       True, pf, "triton")),
+                (bwd, (torch.randn_like(y), x.detach(), stats, G, None, None, None, None, False, pf, "triton"))]
+
+
+def _fresh_plans(k, monkeypatch, **constants):
+    """Set launcher constants for one test (plans are cached per shape: the cache is emptied around it)."""
+    for name, value in constants.items():
+        monkeypatch.setattr(k, name, value)
+    monkeypatch.setattr(k, "_PLANS", {})
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of a few elements and many programs wanted: several tiles and several chunks per row (phases 1, 2)."""
+    """Rows too long for a tile and many programs wanted: the chunked path (phases 1, 2), several tiles and a few
+    chunks per row, in waves of rows (an L2 of a few hundred bytes)."""
     k = _kernels()
-    monkeypatch.setattr(k, "TILES", {False: ((1, 8), (2, 4)), True: ((2, 4),)})
-    monkeypatch.setattr(k, "TARGET_PROGRAMS", 10**6)
+    _fresh_plans(k, monkeypatch, ONCHIP_MAX=8, ONCHIP_MAX_BWD=8, STREAM_TILE=32, TARGET_PROGRAMS=40, L2_BYTES=800)
     return k
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape,G,per_frame", [((2, 6, 5, 7), 2, False), ((2, 9, 3, 4, 5), 3, True),
-                                               ((1, 12, 2, 3, 11), 1, False)])
+@pytest.mark.parametrize("shape,G,per_frame,fmt,dtype", [((2, 6, 5, 7), 2, False, False, torch.float32),
+                                                         ((2, 9, 3, 4, 5), 3, True, True, torch.bfloat16),
+                                                         ((1, 12, 2, 3, 11), 1, False, False, torch.float32)])
 def test_chunked_path_matches_reference(small_tiles, shape, G, per_frame, fmt, dtype):
     x = _inputs(shape, dtype, fmt=fmt)
-    S = shape[-1] * shape[-2] * (shape[2] if len(shape) == 5 and not per_frame else 1)
-    plan = small_tiles._plan(shape[1] // G, S, 1, fmt)
-    assert plan["n_chunks"] > 1 and plan["BLOCK_C"] < shape[1] // G, "the test must cut rows into chunks and tiles"
+    for backward in (False, True):
+        p = small_tiles.plan(x[0], G, per_frame, backward)
+        assert p.phases == (1, 2) and p.n_chunks > 1 and not p.constexprs["ONCHIP"], "the test must cut rows"
+        assert len(p.launches) > 1 or p.rows == 1, "and run them in waves"
     _check(x, G, per_frame)
 
 
-def test_plan_chunks_few_rows_and_keeps_many_rows_whole():
+@pytest.mark.parametrize("shape,G,per_frame,fmt,dtype", [((2, 8, 5, 6), 2, False, False, torch.float32),
+                                                         ((2, 16, 3, 4, 4), 4, True, True, torch.bfloat16),
+                                                         ((4, 64, 3, 3), 1, False, True, torch.float16)])
+def test_two_sweep_persistent_path_matches_reference(monkeypatch, shape, G, per_frame, fmt, dtype):
+    """Rows too long for a tile, rows enough: a persistent grid smaller than the row count (L2-bounded), each
+    program sweeping its rows twice; channel blocks narrower than a group (64 channels in blocks of 16)."""
     k = _kernels()
-    many = k._plan(8, 4096, 1024, False)  # (2, 256, 16, 64, 64) per frame: one program per row
-    assert many["n_chunks"] == 1 and many["BLOCK_C"] * many["BLOCK_S"] == 2048
-    few = k._plan(64, 16 * 128 * 128, 32, False)  # 64 channels x 16 x 128 x 128 in a group, 32 rows
-    assert few["n_chunks"] > 1 and few["n_chunks"] * 32 >= k.TARGET_PROGRAMS
-    assert few["S_CHUNK"] * (few["n_chunks"] - 1) < 16 * 128 * 128 <= few["S_CHUNK"] * few["n_chunks"]
-    cl = k._plan(8, 4096, 1024, True)
-    assert cl["BLOCK_C"] == 8  # channels are the unit-stride axis: a whole group's channels in a tile row
+    x = _inputs(shape, dtype, fmt=fmt)
+    _fresh_plans(k, monkeypatch, ONCHIP_MAX=8, ONCHIP_MAX_BWD=8, STREAM_TILE=32, TARGET_PROGRAMS=4, SMS=1,
+                 MAX_BLOCK_C=16)
+    row_bytes = x[0].numel() * x[0].element_size() // k.plan(x[0], G, per_frame).rows
+    _fresh_plans(k, monkeypatch, L2_BYTES=4 * row_bytes)  # 2 rows resident forward, 1 backward (x and dy)
+    for backward in (False, True):
+        p = k.plan(x[0], G, per_frame, backward)
+        assert p.phases == (0,) and not p.constexprs["ONCHIP"] and len(p.launches) == 1
+        assert p.launches[0].grid[0] < p.rows, "fewer programs than rows: each program loops over rows"
+    _check(x, G, per_frame)
+
+
+def test_plan_for_the_unet_cases():
+    """Every U-Net case (per-frame, 32 groups, T = 16, base widths 128 and 256) holds its rows on chip forward and
+    reads x once; channels_last with 4 or 12 bf16 channels per group takes 2 groups per program (16 or 48 bytes per
+    position: 128-bit accesses); the kernels' constexprs say which path runs."""
+    k = _kernels()
+    for shape, G, per_frame, cl in k.UNET_CASES:
+        x = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        p = k.plan(x, G, per_frame)
+        Cg = shape[1] // G
+        assert p.constexprs["ONCHIP"] and p.phases == (0,) and len(p.launches) == 1, (shape, cl)
+        assert p.constexprs["BLOCK_C"] * p.constexprs["BLOCK_S"] <= k.ONCHIP_MAX
+        gpp = p.constexprs["GPP"]
+        assert (gpp * Cg * 2) % 8 == 0, (shape, gpp)  # at least 64-bit runs per position in channels_last
+        assert gpp == (2 if cl and Cg in (4, 12) else 1), (shape, gpp)
+        pb = k.plan(x, G, per_frame, backward=True)
+        assert pb.phases == (0,) and len(pb.launches) == 1, (shape, cl)  # one launch, whole rows
+        assert p.rows == shape[0] * (G // gpp) * shape[2] and not p.copy_x and not p.constexprs["INT64"]
+    few = k.plan(torch.empty(1, 64, 16, 128, 128, device="meta"), 1, False)  # one 16M-element row
+    assert few.phases == (1, 2) and few.n_chunks == k.MAX_CHUNKS
+    last = few.launches[-1]
+    chunk = few.sizes[4]
+    assert last.row_end == few.rows and chunk * (few.n_chunks - 1) < 16 * 128 * 128 <= chunk * few.n_chunks
 
 
 @pytest.mark.parametrize("present", [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1),
@@ -141,35 +246,37 @@ def test_mixed_parameter_dtypes():
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
-def test_fp16_large_magnitude(offset, small_tiles):
-    """fp16 x of magnitude 1e3 (spread 1e3, or mean 1e3 with spread 1): fp32 statistics, finite and accurate."""
+@pytest.mark.parametrize("path", ["onchip", "chunked"])
+def test_fp16_large_magnitude(offset, path, monkeypatch):
+    """fp16 x of magnitude 1e3 (spread 1e3, or mean 1e3 with spread 1): fp32 statistics, finite and accurate, on the
+    on-chip path and on the chunked one (Chan's merge of tiles and chunks)."""
+    if path == "chunked":
+        _fresh_plans(_kernels(), monkeypatch, ONCHIP_MAX=8, ONCHIP_MAX_BWD=8, STREAM_TILE=32, TARGET_PROGRAMS=12)
     x = (torch.randn(2, 8, 6, 7, device=DEVICE) * (1e3 if offset == 0 else 1.0) + offset).half()
     inputs = (x, None, None, torch.randn(2, 8, device=DEVICE).half(), None)
-    _check(inputs, 2, tol=TOL[torch.float16])
-    small_tiles.TILES = {False: ((1, 2048), (8, 256)), True: ((8, 256),)}  # and the one-program-per-row path
-    small_tiles.TARGET_PROGRAMS = 1
+    assert _kernels().plan(x, 2, False).constexprs["ONCHIP"] == (path == "onchip")
     _check(inputs, 2, tol=TOL[torch.float16])
 
 
 def test_statistics_are_saved_in_fp32():
     x, w, b, s, sh = _inputs((2, 6, 3, 4, 5), torch.bfloat16)
-    impl = "triton"
     with vdm_fast.backend("triton"):
-        y, mean, rstd = torch.ops.vdm_fast.group_norm_silu(x, 3, w, b, 1e-5, s, sh, True, True, impl)
-    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (2, 3, 3)
+        y, stats = torch.ops.vdm_fast.group_norm_silu(x, 3, w, b, 1e-5, s, sh, True, True, "triton")
+    assert stats.dtype == torch.float32 and stats.shape == (2, 3, 3, 2)
     xg = x.double().unflatten(1, (3, 2))
     want_mean = xg.mean(dim=(2, 4, 5))
     want_rstd = torch.rsqrt(xg.var(dim=(2, 4, 5), unbiased=False) + 1e-5)
-    assert_close(mean, want_mean, 1e-6, "mean")
-    assert_close(rstd, want_rstd, 1e-6, "rstd")
+    assert_close(stats[..., 0], want_mean, 1e-6, "mean")
+    assert_close(stats[..., 1], want_rstd, 1e-6, "rstd")
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_backward_is_deterministic(chunked, monkeypatch):
-    if chunked:
-        k = _kernels()
-        monkeypatch.setattr(k, "TILES", {False: ((2, 4),), True: ((2, 4),)})
-        monkeypatch.setattr(k, "TARGET_PROGRAMS", 10**6)
+@pytest.mark.parametrize("path", ["onchip", "two_sweep", "chunked"])
+def test_backward_is_deterministic(path, monkeypatch):
+    k = _kernels()
+    if path == "two_sweep":
+        _fresh_plans(k, monkeypatch, ONCHIP_MAX=8, ONCHIP_MAX_BWD=8, STREAM_TILE=32, TARGET_PROGRAMS=4, SMS=2)
+    if path == "chunked":
+        _fresh_plans(k, monkeypatch, ONCHIP_MAX=8, ONCHIP_MAX_BWD=8, STREAM_TILE=32, TARGET_PROGRAMS=12)
     inputs = _inputs((3, 8, 2, 5, 6), torch.float32)
     leaves = [t.clone().requires_grad_() for t in inputs]
     dy = torch.randn(inputs[0].shape, device=DEVICE)
@@ -226,45 +333,35 @@ def test_reference_is_group_norm_film_silu():
     assert torch.allclose(ref.group_norm_silu(x, 4, activation=None), F.group_norm(x, 4), atol=1e-12)
 
 
-def test_opcheck():
-    x, w, b, s, sh = _inputs((2, 6, 3, 4), torch.float32)
-    op = torch.ops.vdm_fast.group_norm_silu.default
-    with vdm_fast.backend("triton"):
-        torch.library.opcheck(op, (x.requires_grad_(), 3, w.requires_grad_(), b, 1e-5, s.requires_grad_(), sh,
-                                   True, False, "triton"))
-        torch.library.opcheck(op, (x.contiguous(memory_format=torch.channels_last), 2, None, None, 1e-6, None, None,
-                                   False, False, "triton"))
-        x5 = torch.randn(2, 6, 3, 2, 5).contiguous(memory_format=torch.channels_last_3d)
-        torch.library.opcheck(op, (x5, 3, w, None, 1e-5, None, sh, True, True, "triton"))
-        x, w, s = x.detach(), w.detach(), s.detach()
-        y, mean, rstd = op(x, 3, w, b, 1e-5, s, sh, True, False, "triton")
-        torch.library.opcheck(torch.ops.vdm_fast.group_norm_silu_backward.default,
-                              (torch.randn_like(y), x, mean, rstd, 3, w, b, s, sh, True, False, "triton"))
-        torch.library.opcheck(torch.ops.vdm_fast.group_norm_silu_backward.default,
-                              (torch.randn_like(y), x.detach(), mean, rstd, 3, None, None, None, None, False, False,
-                               "triton"))
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("fmt", [False, True], ids=["contiguous", "channels_last"])
+def test_layer_torch_compile_fullgraph(compile_backend, fmt):
+    """torch.compile(layers.GroupNormSiLU, fullgraph=True), the default Inductor backend included: no graph break
+    (fullgraph raises on one), output and every gradient equal to eager's."""
+    import torch._dynamo
 
-
-def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
     layer = GroupNormSiLU(2, 6, per_frame=True).to(DEVICE)
-    x = torch.randn(2, 6, 3, 4, 5, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, 6, 3, 4, 5, device=DEVICE)
+    if fmt:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
     s = torch.randn(2, 6, device=DEVICE, requires_grad=True)
-
-    def f(x, s):
-        return layer(x, s).square().sum()
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    with vdm_fast.backend("triton"):
-        got = compiled(x, s)
-        got.backward()
-    gx, gs = x.grad.clone(), s.grad.clone()
-    x.grad = s.grad = None
+    compiled = torch.compile(layer, fullgraph=True, backend=compile_backend)
+    dy = torch.randn(x.shape, device=DEVICE)
+    results = []
+    for fn in (compiled, layer):
+        with vdm_fast.backend("triton"):
+            y = fn(x, s, None)
+        grads = torch.autograd.grad(y, (x, s, layer.weight, layer.bias), dy)
+        results.append((y, *grads))
+    for name, got, want in zip(("y", "dx", "dscale", "dweight", "dbias"), *results):
+        assert_close(got, want, 1e-6, f"compiled {name}")
     with vdm_fast.backend("reference"):
-        want = f(x, s)
-        want.backward()
-    assert torch.allclose(got, want, rtol=1e-5)
-    assert_close(gx, x.grad, 1e-5, "dx")
-    assert_close(gs, s.grad, 1e-5, "dscale")
+        assert_close(results[0][0], layer(x, s), 1e-5, "against the reference")
 
 
 def test_layer_replaces_group_norm_and_silu():
@@ -300,43 +397,10 @@ def test_auto_dispatch_on_cpu_is_the_reference():
     torch.autograd.gradcheck(lambda x: ops.group_norm_silu(x, 2, scale=torch.ones(2, 4, dtype=torch.float64)), (x,))
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    (dict(x=torch.randn(2, 6)), ValueError, "x"),
-    (dict(x=torch.randn(2, 6, 1, 1, 1, 1)), ValueError, "x"),
-    (dict(x=torch.randint(0, 3, (2, 6, 4))), TypeError, "x"),
-    (dict(num_groups=4), ValueError, "num_groups"),
-    (dict(num_groups=0), ValueError, "num_groups"),
-    (dict(num_groups=2.0), TypeError, "num_groups"),
-    (dict(weight=torch.randn(5)), ValueError, "weight"),
-    (dict(bias=torch.randn(6, 1)), ValueError, "bias"),
-    (dict(scale=torch.randn(6)), ValueError, "scale"),
-    (dict(scale=torch.randn(3, 6)), ValueError, "scale"),
-    (dict(shift=torch.randn(2, 6, 1)), ValueError, "shift"),
-    (dict(scale=torch.randint(0, 2, (2, 6))), TypeError, "scale"),
-    (dict(eps=-1.0), ValueError, "eps"),
-    (dict(activation="gelu"), ValueError, "activation"),
-    (dict(per_frame=1), TypeError, "per_frame"),
-    (dict(weight=[1.0] * 6), TypeError, "weight"),
-])
-def test_bad_input_raises(kwargs, err, match):
-    args = dict(x=torch.randn(2, 6, 4), num_groups=3)
-    args.update(kwargs)
-    x, G = args.pop("x"), args.pop("num_groups")
-    with pytest.raises(err, match=match):
-        ops.group_norm_silu(x, G, **args)
-
-
 def test_custom_op_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl"):
         torch.ops.vdm_fast.group_norm_silu(torch.randn(2, 4, 3), 2, None, None, 1e-5, None, None, True, False,
                                            "reference")
-
-
-def test_device_mix_raises():
-    if not GPU:
-        pytest.skip("needs a CUDA GPU")
-    with pytest.raises(ValueError, match="weight"):
-        ops.group_norm_silu(torch.randn(2, 4, 3, device="cuda"), 2, torch.ones(4))
 
 
 @pytest.mark.gpu

@@ -6,6 +6,8 @@ backward). Tests: tests/test_group_norm_silu.py.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vdm_fast import _checks, _dispatch
@@ -42,9 +44,7 @@ def group_norm_silu(
     if impl == "reference":
         return ref.group_norm_silu(x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation,
                                    per_frame=per_frame)
-    y, _, _ = torch.ops.vdm_fast.group_norm_silu(x, num_groups, weight, bias, float(eps), scale, shift,
-                                                 activation == "silu", bool(per_frame), impl)
-    return y
+    return _fused(x, num_groups, weight, bias, float(eps), scale, shift, activation == "silu", per_frame, impl)
 
 
 def _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame) -> None:
@@ -59,8 +59,10 @@ def _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame
             _checks.tensor(t, name, floating=True)
             _checks.shape(t, name, shape, "(C,) per channel" if len(shape) == 1 else "(B, C) per sample and channel")
     _checks.same_device(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     _checks.one_of(activation, "activation", ACTIVATIONS)
     if not isinstance(per_frame, bool):
         raise TypeError(f"per_frame must be a bool, got {type(per_frame).__name__}")
@@ -71,48 +73,91 @@ def frames(x: torch.Tensor, per_frame: bool) -> int:
     return x.shape[2] if per_frame and x.dim() == 5 else 1
 
 
-def _stats_shape(x: torch.Tensor, num_groups: int, per_frame: bool) -> tuple[int, int, int]:
-    return (x.shape[0], num_groups, frames(x, per_frame))
-
-
 def _kernels():
-    # Imported here, not at module level: the kernel module reads TRITON_INTERPRET when it is first imported.
+    # Imported here, not at module level: the kernel module imports triton (optional: the reference runs without it).
     from vdm_fast.kernels import group_norm_silu as k
 
     return k
+
+
+def _fused(x, num_groups, weight, bias, eps, scale, shift, silu, per_frame, impl):
+    """The fast path. Eager: a torch.autograd.Function that launches the kernels directly (a few microseconds of
+    host work); under torch.compile (or where nothing needs a gradient: no autograd node at all) the one
+    torch.library op, which Dynamo and Inductor see with its fake."""
+    if torch.compiler.is_compiling():
+        return torch.ops.vdm_fast.group_norm_silu(x, num_groups, weight, bias, eps, scale, shift, silu, per_frame,
+                                                  impl)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
+                                                           for t in (weight, bias, scale, shift))):
+        return _GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu, per_frame)
+    return _kernels().forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame)[0]
+
+
+def _double_backward_grads(dy, x, weight, bias, scale, shift, num_groups, eps, silu, per_frame, needs):
+    """First-order gradients that are themselves differentiable (create_graph=True: gradient penalties, higher-order
+    guidance): the reference's autograd graph rebuilt on the saved inputs. The kernels' backward is not
+    differentiable; this is, at the reference's cost."""
+    inputs = (x, weight, bias, scale, shift)
+    with torch.enable_grad():
+        y = ref.group_norm_silu(x, num_groups, weight, bias, eps, scale=scale, shift=shift,
+                                activation="silu" if silu else None, per_frame=per_frame)
+        wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
+        got = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True)) if wanted else iter(())
+    return tuple(next(got) if n and t is not None else None for t, n in zip(inputs, needs))
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """Eager autograd wiring of the fast path (see `_fused`); the same kernels as the custom op's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, silu, per_frame):
+        y, stats = _kernels().forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame)
+        ctx.save_for_backward(x, stats, weight, bias, scale, shift)
+        ctx.args = (num_groups, eps, silu, per_frame)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, stats, weight, bias, scale, shift = ctx.saved_tensors
+        num_groups, eps, silu, per_frame = ctx.args
+        needs = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _double_backward_grads(dy, x, weight, bias, scale, shift, num_groups, eps, silu, per_frame, needs)
+        else:
+            grads = _kernels().backward(dy, x, stats, num_groups, weight, bias, scale, shift, silu, per_frame)
+        return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
 
 
 @torch.library.custom_op("vdm_fast::group_norm_silu", mutates_args=())
 def _group_norm_silu_op(
     x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
     scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool, per_frame: bool, impl: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y, mean, rstd): y in x's dtype and memory format, mean and rstd (B, G, F) fp32 for the backward."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y, stats): y in x's dtype and memory format, stats (B, G, F, 2) fp32 (mean, rstd) for the backward."""
     _dispatch.check_impl(SPEC, impl)
     return _kernels().forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame)
 
 
 @_group_norm_silu_op.register_fake
 def _(x, num_groups, weight, bias, eps, scale, shift, silu, per_frame, impl):
-    stats = _stats_shape(x, num_groups, per_frame)
     y = torch.empty_like(x, memory_format=memory_format(x))
-    return y, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+    return y, x.new_empty((x.shape[0], num_groups, frames(x, per_frame), 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("vdm_fast::group_norm_silu_backward", mutates_args=())
 def _group_norm_silu_backward_op(
-    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+    dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, num_groups: int,
     weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
     silu: bool, per_frame: bool, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dweight, dbias, dscale, dshift), each like its input; an absent input's gradient is empty (0,)."""
     _dispatch.check_impl(SPEC, impl)
-    grads = _kernels().backward(dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, per_frame)
+    grads = _kernels().backward(dy, x, stats, num_groups, weight, bias, scale, shift, silu, per_frame)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_group_norm_silu_backward_op.register_fake
-def _(dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, per_frame, impl):
+def _(dy, x, stats, num_groups, weight, bias, scale, shift, silu, per_frame, impl):
     dx = torch.empty_like(x, memory_format=memory_format(x))
     return (dx,) + tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None
                          else x.new_empty(0) for t in (weight, bias, scale, shift))
@@ -120,19 +165,24 @@ def _(dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, per_frame
 
 def _setup_context(ctx, inputs, output):
     x, num_groups, weight, bias, eps, scale, shift, silu, per_frame, impl = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
-    ctx.args = (num_groups, silu, per_frame, impl)
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(x, stats, weight, bias, scale, shift)
+    ctx.args = (num_groups, eps, silu, per_frame, impl)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
-    num_groups, silu, per_frame, impl = ctx.args
-    dx, dw, db, ds, dsh = torch.ops.vdm_fast.group_norm_silu_backward(
-        dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, per_frame, impl)
-    present = (weight is not None, bias is not None, scale is not None, shift is not None)
-    dw, db, ds, dsh = (g if p else None for g, p in zip((dw, db, ds, dsh), present))
+def _backward(ctx, dy, _dstats):
+    x, stats, weight, bias, scale, shift = ctx.saved_tensors
+    num_groups, eps, silu, per_frame, impl = ctx.args
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4], *ctx.needs_input_grad[5:7])
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients through the reference
+        dx, dw, db, ds, dsh = _double_backward_grads(dy, x, weight, bias, scale, shift, num_groups, eps, silu,
+                                                     per_frame, needs)
+    else:
+        dx, dw, db, ds, dsh = torch.ops.vdm_fast.group_norm_silu_backward(
+            dy, x, stats, num_groups, weight, bias, scale, shift, silu, per_frame, impl)
+        present = (weight is not None, bias is not None, scale is not None, shift is not None)
+        dw, db, ds, dsh = (g if p else None for g, p in zip((dw, db, ds, dsh), present))
     return dx, None, dw, db, None, ds, dsh, None, None, None
 
 

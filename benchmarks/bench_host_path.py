@@ -1,0 +1,245 @@
+"""The fast path's own host cost: each fused op with its Triton launches replaced by no-ops, in units of one eager aten
+dispatch measured in the same run, and the bytes each layer copies.
+
+Method: interleaved medians. Every round times a few calls of each contender in turn (the eager unit, then each op's
+paths), so that machine load shifts all of them alike; the row's ms is the median over rounds of ours, baseline_ms the
+median of the unit. The unit is one eager `F.group_norm` (forward; forward + backward for the op's fwd+bwd rows) on a
+tensor so small that its compute is negligible. `speedup` is baseline / ours, so the op's cost in units is its
+reciprocal, printed in the note beside the target.
+
+Copies: `aten::copy_` / `aten::contiguous` / `aten::clone` / `aten::_to_copy` bytes counted with torch.profiler in a
+layer's forward + backward (launches no-op'd: the audit is of the launcher and autograd path, not the interpreter).
+
+The ops are a table (`OPS`), one entry per op: its name, how to build inputs, which kernel-module attributes are the
+launches to no-op, and its eager unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .common import GPU, row
+
+ROUNDS_QUICK, ROUNDS_FULL = 15, 60
+CALLS_PER_ROUND = 20
+
+
+class _NoLaunch:
+    """Stands in for a Triton JITFunction: `kernel[grid](*args, **kwargs)` does nothing."""
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    @staticmethod
+    def _launch(*args, **kwargs):
+        return None
+
+
+@contextlib.contextmanager
+def no_launches(module, names: tuple[str, ...]):
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n in names:
+            setattr(module, n, _NoLaunch())
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(module, n, v)
+
+
+@contextlib.contextmanager
+def _fast_path_on_this_machine():
+    """CUDA tensors where there is a GPU; else CPU tensors with the Triton backend forced (dispatch accepts CPU
+    tensors only under TRITON_INTERPRET=1; no kernel runs here, the launches are no-ops)."""
+    import vdm_fast
+
+    old = os.environ.get("TRITON_INTERPRET")
+    if not GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with vdm_fast.backend("triton"):
+            yield "cuda" if GPU else "cpu"
+    finally:
+        if not GPU:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
+    """Per-call milliseconds of each fn: (median over rounds, spread = (p90 - p10) / median)."""
+    for fn in fns.values():  # warm-up: first calls pay allocator, autograd-engine and thread-pool start-up
+        for _ in range(3 * CALLS_PER_ROUND):
+            fn()
+    per_round: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(CALLS_PER_ROUND):
+                fn()
+            per_round[name].append((time.perf_counter() - t0) * 1e3 / CALLS_PER_ROUND)
+    out = {}
+    for name, ts in per_round.items():
+        ts = sorted(ts)
+        med = statistics.median(ts)
+        lo, hi = ts[len(ts) // 10], ts[-1 - len(ts) // 10]
+        out[name] = (med, (hi - lo) / med if med else 0.0)
+    return out
+
+
+_ITEMSIZE = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2, "long int": 8, "int": 4, "bool": 1}
+
+
+def copied_bytes(fn: Callable[[], object]) -> int:
+    """Bytes written by copy-like aten ops while fn() runs (top-level and nested alike, counted once each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    total = 0
+    for e in prof.events():
+        # copy_ does the writing; contiguous/clone/_to_copy reach it as children, so only copy_ is summed.
+        if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0]:
+            numel = 1
+            for n in e.input_shapes[0]:
+                numel *= n
+            total += numel * _ITEMSIZE.get((e.input_dtypes or ["float"])[0], 4)
+    return total
+
+
+# ------------------------------------------------------------------------------------------ group_norm_silu
+
+
+def _gn_inputs(device, requires_grad):
+    B, C, T, H, W, G = 2, 64, 4, 8, 8, 32
+    x = torch.randn(B, C, T, H, W, device=device).contiguous(memory_format=torch.channels_last_3d)
+    emb = torch.randn(B, 2 * C, device=device)
+    scale, shift = emb.chunk(2, dim=1)  # as the U-Net's FiLM projection gives them: views, batch stride 2C
+    w, b = torch.randn(C, device=device), torch.randn(C, device=device)
+    if requires_grad:
+        for t in (x, emb, w, b):
+            t.requires_grad_()
+        scale, shift = emb.chunk(2, dim=1)
+    return x, G, w, b, scale, shift
+
+
+def _gn_call(inputs):
+    from vdm_fast import ops
+
+    x, G, w, b, scale, shift = inputs
+    return ops.group_norm_silu(x, G, w, b, scale=scale, shift=shift, per_frame=True)
+
+
+@dataclass(frozen=True)
+class HostOp:
+    name: str
+    kernel_module: str  # vdm_fast.kernels.<name>
+    launches: tuple[str, ...]  # its JITFunction attributes, no-op'd
+    inputs: Callable  # (device, requires_grad) -> inputs
+    call: Callable  # inputs -> output
+    note: str
+    layer_copies: Callable | None = None  # device -> (label, input bytes, copied bytes)
+
+
+def _gn_layer_copies(device):
+    from vdm_fast.layers import GroupNormSiLU
+
+    layer = GroupNormSiLU(32, 64, per_frame=True).to(device)
+    x, _, _, _, scale, shift = _gn_inputs(device, True)
+
+    def step():
+        y = layer(x, scale, shift)
+        y.backward(torch.ones_like(y))
+
+    step()
+    return "GroupNormSiLU fwd+bwd (channels_last_3d, FiLM views)", x.numel() * x.element_size(), copied_bytes(step)
+
+
+OPS = [
+    HostOp("group_norm_silu", "vdm_fast.kernels.group_norm_silu", ("_fwd_kernel", "_bwd_kernel", "_bwd_params_kernel"),
+           _gn_inputs, _gn_call, "channels_last_3d, weight, bias, scale, shift (views), per_frame",
+           _gn_layer_copies),
+]
+
+
+def _unit_inputs(device, requires_grad):
+    return torch.randn(1, 2, 2, device=device, requires_grad=requires_grad)
+
+
+def run(quick: bool = False) -> list[dict]:
+    rounds = ROUNDS_QUICK if quick else ROUNDS_FULL
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # host cost is dispatch, not compute: no intra-op thread pool noise in the unit
+    try:
+        with _fast_path_on_this_machine() as device:
+            rows += _measure(rounds, device)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _measure(rounds: int, device: str) -> list[dict]:
+    import importlib
+
+    rows = []
+    if True:
+        u = _unit_inputs(device, False)
+        ug = _unit_inputs(device, True)
+        ones = torch.ones_like(ug)
+
+        def unit_fwd():
+            return F.group_norm(u, 1)
+
+        def unit_fwd_bwd():
+            F.group_norm(ug, 1).backward(ones)
+
+        for op in OPS:
+            module = importlib.import_module(op.kernel_module)
+            with no_launches(module, op.launches):
+                plain = op.inputs(device, False)
+                grad = op.inputs(device, True)
+                dy = torch.ones_like(op.call(grad))
+
+                def fwd_nograd():
+                    return op.call(plain)
+
+                def fwd_grad():
+                    return op.call(grad)
+
+                def fwd_bwd():
+                    op.call(grad).backward(dy)
+
+                t = interleaved_medians({"unit": unit_fwd, "unit_fb": unit_fwd_bwd, "fwd": fwd_nograd,
+                                         "fwd_grad": fwd_grad, "fwd_bwd": fwd_bwd}, rounds)
+                for label, key, unit, target in (("forward", "fwd", "unit", 5), ("forward, inputs need grad",
+                                                  "fwd_grad", "unit", 5),
+                                                 ("forward + backward", "fwd_bwd", "unit_fb", 3)):
+                    ms, spread = t[key]
+                    base = t[unit][0]
+                    units = ms / base
+                    unit_name = "F.group_norm fwd" if unit == "unit" else "F.group_norm fwd+bwd"
+                    rows.append(row(f"host {op.name} {label}", "launches no-op'd", "float32", "vdm_fast host path",
+                                    ms, baseline_ms=base,
+                                    note=f"{units:.1f} units of eager {unit_name} (target <= {target}); spread "
+                                         f"{spread:.0%}; {op.note}; {device}"))
+                if op.layer_copies is not None:
+                    label, in_bytes, copied = op.layer_copies(device)
+                    rows.append(row(f"copies {op.name}", "launches no-op'd", "float32", label, None,
+                                    note=f"{copied} bytes copied = {copied / in_bytes:.2f}x the input activation's "
+                                         f"{in_bytes} bytes"))
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run(quick=True):
+        print(r["op"], "|", r["ms"], "|", r["note"])
