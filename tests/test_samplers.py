@@ -13,6 +13,7 @@ from test_diffusion import GaussianOracle
 from vdm_fast.diffusion import CosineSchedule, GaussianDiffusion
 from vdm_fast.diffusion import samplers as S
 from vdm_fast.diffusion.guidance import downsample
+from vdm_fast.diffusion.oracles import MixtureOracle, wasserstein1
 
 PREDS = ("eps", "v", "x")
 MU, SD = 0.3, 0.5
@@ -29,28 +30,42 @@ def _seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
-def analytic_moments(steps: int, sampler: str, gamma: float, corrector_steps: int = 0, delta: float = 0.1):
+def analytic_moments(steps: int, sampler: str, gamma: float, corrector_steps: int = 0, delta: float = 0.1,
+                     timesteps: str | None = None):
     """Exact mean and std of the sampler's output for x ~ N(MU, SD^2) with an exact denoiser: every step is linear
-    in z plus Gaussian noise, so the mean and variance propagate in closed form through the coefficient tables."""
+    in the state (z, history) plus Gaussian noise, so the mean and covariance propagate in closed form through the
+    coefficient tables."""
     sch = CosineSchedule()
-    P = S.predictor_table(sch, steps, "ddim" if sampler == "ddim" else "ancestral", gamma)
-    C = S.corrector_table(sch, steps, delta)
+    ts = S.check_timesteps(timesteps, sampler)
+    P = S.predictor_table(sch, steps, sampler, gamma, ts)
+    C = S.corrector_table(sch, steps, delta, ts)
     s2 = SD**2
-    m, v = 0.0, 1.0
+    m = torch.zeros(3, dtype=torch.float64)  # state (z, h1, h2)
+    V = torch.zeros(3, 3, dtype=torch.float64)
+    V[0, 0] = 1.0
     for i in range(steps):
-        _, a, s, cz, cx, cn = P[i, :6].tolist()
+        _, a, s, cz, cx, cn, c1, c2 = P[i].tolist()
         k = a * s2 / (a * a * s2 + s * s)  # x_hat = MU + k (z - a MU)
+        b = MU - k * a * MU
         if i == steps - 1:
-            return MU + k * (m - a * MU), (k * k * v) ** 0.5
-        m, v = cz * m + cx * (MU + k * (m - a * MU)), (cz + cx * k) ** 2 * v + cn**2
+            return k * m[0].item() + b, (k * k * V[0, 0].item()) ** 0.5
+        A = torch.tensor([[cz + cx * k, c1, c2], [k, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+        m = A @ m + torch.tensor([cx * b, b, 0.0], dtype=torch.float64)
+        V = A @ V @ A.T
+        V[0, 0] += cn**2
         for _ in range(corrector_steps):
             _, a, s, cz, cx, cn = C[i, :6].tolist()
             ke = s / (a * a * s2 + s * s)  # eps_hat = ke (z - a MU)
-            m, v = m + cx * ke * (m - a * MU), (1 + cx * ke) ** 2 * v + cn**2
+            g = 1 + cx * ke
+            m[0] = g * m[0] - cx * ke * a * MU
+            V[0, :] *= g
+            V[:, 0] *= g
+            V[0, 0] += cn**2
 
 
 CASES = [("ancestral", dict(gamma=0.0)), ("ancestral", dict(gamma=0.3)), ("ancestral", dict(gamma=1.0)),
-         ("ddim", {}), ("pc", dict(gamma=0.3, corrector_steps=1))]
+         ("ddim", {}), ("pc", dict(gamma=0.3, corrector_steps=1)), ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}),
+         ("dpmpp_3m", {}), ("dpmpp_2m", dict(timesteps="uniform")), ("dpmpp_3m", dict(timesteps="logsnr"))]
 
 
 @pytest.mark.parametrize("prediction", PREDS)
@@ -67,17 +82,22 @@ def test_samples_match_the_gaussian_data(prediction, sampler, kw):
     mean, std = x.double().mean().item(), x.double().std().item()
     assert abs(mean - MU) < 0.04 * SD, mean
     assert abs(std - SD) < 0.04 * SD, std
-    m_exact, s_exact = analytic_moments(steps, sampler, kw.get("gamma", 0.0), kw.get("corrector_steps", 0))
+    m_exact, s_exact = analytic_moments(steps, sampler, kw.get("gamma", 0.0), kw.get("corrector_steps", 0),
+                                        timesteps=kw.get("timesteps"))
     assert abs(mean - m_exact) < 5 * s_exact / n**0.5, (mean, m_exact)
     assert abs(std - s_exact) < 5 * s_exact / (2 * n) ** 0.5, (std, s_exact)
 
 
 def test_sampler_error_shrinks_with_steps():
-    """The discretisation error of every sampler is O(1/steps): 4x the steps, well under half the std error."""
-    for sampler, kw in CASES:
-        errs = [abs(analytic_moments(n, sampler, kw.get("gamma", 0.0), kw.get("corrector_steps", 0))[1] - SD)
-                for n in (64, 256)]
+    """The discretisation error of the paper's samplers is O(1/steps): 4x the steps, well under half the std error;
+    the DPM-Solver++ samplers' is O(1/steps^2) on the uniform grid (4x the steps: under a quarter)."""
+    for sampler, kw in CASES[:5]:
+        errs = [abs(analytic_moments(n, sampler, kw.get("gamma", 0.0), kw.get("corrector_steps", 0),
+                                     timesteps="uniform")[1] - SD) for n in (64, 256)]
         assert errs[1] < 0.5 * errs[0] and errs[1] < 0.015 * SD, (sampler, kw, errs)
+    for sampler in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"):
+        errs = [abs(analytic_moments(n, sampler, 0.0, timesteps="uniform")[1] - SD) for n in (64, 256)]
+        assert errs[1] < 0.25 * errs[0] and errs[1] < 0.002 * SD, (sampler, errs)
 
 
 def test_clip():
@@ -387,3 +407,152 @@ def test_with_the_project_unet():
     assert out.shape == x.shape and torch.isfinite(out).all() and torch.equal(out[:, :, :1], x[:, :, :1])
     longer = d.extend(x, 5, window=3, overlap=2, steps=2, progress=False)
     assert longer.shape == (2, 3, 5, 8, 8)
+
+
+# ---- fast samplers (DPM-Solver++): oracles at few model calls, every guidance mode with every sampler -------------
+class Counting:
+    """Wraps a model and counts its calls (and the batch of each)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, z, logsnr, cond=None, cond_mask=None, **kw):
+        self.calls += 1
+        return self.model(z, logsnr, cond=cond, cond_mask=cond_mask, **kw)
+
+
+@pytest.mark.parametrize("prediction", ("eps", "v"))
+def test_dpmpp_2m_reproduces_gaussian_data_in_25_calls(prediction):
+    """The fast default at 25 model calls: mean within 2 %, std within 4 % of the data's, and within Monte Carlo
+    error of the exact output distribution of the sampler (propagated analytically through its tables)."""
+    model = Counting(GaussianOracle(prediction, mean=MU, std=SD))
+    d = GaussianDiffusion(model, prediction=prediction)
+    x = d.sample((65536, 1, 1, 2, 2), steps=25, sampler="dpmpp_2m", clip=False, generator=_gen(), progress=False)
+    assert model.calls == 25
+    n = x.numel()
+    mean, std = x.double().mean().item(), x.double().std().item()
+    assert abs(mean - MU) < 0.02 * MU and abs(std - SD) < 0.04 * SD, (mean, std)
+    m_exact, s_exact = analytic_moments(25, "dpmpp_2m", 0.0)
+    assert abs(mean - m_exact) < 5 * s_exact / n**0.5 and abs(std - s_exact) < 5 * s_exact / (2 * n) ** 0.5
+
+
+@pytest.mark.parametrize("sampler", ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"))
+def test_fast_samplers_cfg_mean_shift(sampler):
+    """Guidance with weight w on N(c, SD^2) against N(0, SD^2) data is exactly the oracle of N((1 + w) c, SD^2):
+    at 25 calls the fast samplers land on that mean (w = 0: the conditional mean), one batched call per step."""
+    model = Counting(GaussianOracle("v", mean=0.0, std=0.3))
+    d = GaussianDiffusion(model, prediction="v")
+    cond = torch.full((8192,), 0.2)
+    seed = _seed()
+    means = []
+    for w in (0.0, 2.0):
+        model.calls = 0
+        x = d.sample((8192, 1, 1, 1, 1), steps=25, sampler=sampler, cond=cond, guidance_weight=w, clip=False,
+                     generator=_gen(seed), progress=False)
+        assert model.calls == 25
+        means.append(x.double().mean().item())
+    assert abs(means[0] - 0.2) < 0.015 and abs(means[1] - 0.6) < 0.02, means
+
+
+def _bimodal_error(sampler: str, steps: int, timesteps=None, n: int = 65536, seed=None) -> float:
+    orc = MixtureOracle("v", m=0.6, s=0.1)
+    d = GaussianDiffusion(orc, prediction="v")
+    x = d.sample((n, 1, 1, 1, 1), steps=steps, sampler=sampler, timesteps=timesteps, clip=False,
+                 generator=_gen(seed), progress=False)
+    return wasserstein1(x, orc.cdf, -1.6, 1.6)
+
+
+def test_dpmpp_2m_keeps_modes_sharp_on_bimodal_data():
+    """Bimodal data, exact denoiser, Wasserstein-1 error to the data: dpmpp_2m at 25 calls is clearly below DDIM at
+    25 calls (on DDIM's default grid and on the same grid) and close to the paper's 256-step ancestral sampler."""
+    seed = _seed()
+    fast = _bimodal_error("dpmpp_2m", 25, seed=seed)
+    ddim = _bimodal_error("ddim", 25, seed=seed)
+    ddim_same_grid = _bimodal_error("ddim", 25, "karras", seed=seed)
+    ancestral_256 = _bimodal_error("ancestral", 256, seed=seed)
+    floor = 0.8 * 0.6 / 65536**0.5  # Monte Carlo alone
+    assert fast < 0.6 * ddim and fast < 0.4 * ddim_same_grid, (fast, ddim, ddim_same_grid)
+    assert fast < 1.6 * ancestral_256 + floor, (fast, ancestral_256)
+
+
+@pytest.mark.parametrize("prediction", ("eps", "v"))
+def test_reconstruction_guidance_with_the_fast_sampler(prediction):
+    """The correlated-frames oracle of test_reconstruction_guidance_beats_replacement_and_unconditional with
+    dpmpp_2m at 25 calls: reconstruction guidance (the guided x~ is the solver's data prediction, history included)
+    recovers the generated frames' conditional mean far better than replacement."""
+    B, T, H, W = 1024, 4, 2, 2
+    x = _gaussian_video(B, T, H, W, frames_cov)
+    a_mask = torch.tensor([True, True, False, False])
+    xa = x[:, :, :2]
+    Sig = frames_cov(T, H, W)
+    ia, ib = torch.arange(2 * H * W), torch.arange(2 * H * W, T * H * W)
+    K = Sig[ib][:, ia] @ torch.linalg.inv(Sig[ia][:, ia])
+    cmean = x.double().reshape(B, -1)[:, ia] @ K.T
+    exact = (Sig[ib][:, ib] - K @ Sig[ia][:, ib]).diagonal().mean().item()
+    model = Counting(GaussianOracle(prediction, cov_fn=frames_cov))
+    d = GaussianDiffusion(model, prediction=prediction)
+    seed = _seed()
+
+    def err(**kw):
+        model.calls = 0
+        out = d.sample((B, 1, T, H, W), steps=25, sampler="dpmpp_2m", clip=False, generator=_gen(seed),
+                       progress=False, **kw)
+        assert model.calls == 25
+        if "x_a" in kw:
+            assert torch.equal(out[:, :, :2], xa)
+        return ((out.double().reshape(B, -1)[:, ib] - cmean) ** 2).mean().item()
+
+    replacement = err(x_a=xa, a_mask=a_mask, conditioning="replacement")
+    recon = err(x_a=xa, a_mask=a_mask, w_r=2.0)
+    assert recon < 0.5 * replacement and recon < 2.0 * exact, (recon, replacement, exact)
+
+
+MODES = {
+    "cfg": lambda B, T: dict(cond=torch.randn(B), guidance_weight=1.5),
+    "reconstruction": lambda B, T: dict(x_a=torch.rand(B, 1, 1, 4, 4) * 2 - 1, a_mask=torch.arange(T) == 0),
+    "replacement": lambda B, T: dict(x_a=torch.rand(B, 1, 1, 4, 4) * 2 - 1, a_mask=torch.arange(T) == 0,
+                                     conditioning="replacement"),
+    "lowres": lambda B, T: dict(x_lowres=torch.rand(B, 1, T, 2, 2) * 2 - 1, w_r=2.0),
+    "all": lambda B, T: dict(cond=torch.randn(B), guidance_weight=1.0, x_a=torch.rand(B, 1, 1, 4, 4),
+                             a_mask=torch.arange(T) == 0, x_lowres=torch.rand(B, 1, T, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES) + ["extend"])
+@pytest.mark.parametrize("sampler", S.SAMPLERS)
+def test_every_guidance_mode_with_every_sampler(sampler, mode):
+    """Each sampler with each guidance mode runs, keeps the given frames, returns finite samples, and calls the model
+    `steps` times per sample (pc: steps x (1 + corrector_steps)), never more than steps + 1."""
+    B, T, steps = 3, 3, 5
+    model = Counting(GaussianOracle("v", mean=0.1, std=0.4))
+    d = GaussianDiffusion(model, prediction="v")
+    per_step = 2 if sampler == "pc" else 1
+    if mode == "extend":
+        video = torch.rand(B, 1, 2, 4, 4) * 2 - 1
+        out = d.extend(video, 5, window=3, overlap=2, steps=steps, sampler=sampler, generator=_gen(),
+                       progress=False)
+        assert out.shape == (B, 1, 5, 4, 4) and torch.equal(out[:, :, :2], video) and torch.isfinite(out).all()
+        assert model.calls == 3 * (steps * per_step - (per_step - 1))  # three windows; pc skips the last corrector
+        return
+    kw = MODES[mode](B, T)
+    out = d.sample((B, 1, T, 4, 4), steps=steps, sampler=sampler, generator=_gen(), progress=False, **kw)
+    assert out.shape == (B, 1, T, 4, 4) and torch.isfinite(out).all() and out.abs().max() <= 1.0
+    if "x_a" in kw:
+        assert torch.equal(out[:, :, :1], kw["x_a"])
+    calls = steps * per_step - (per_step - 1)
+    assert model.calls == calls and (per_step == 2 or calls <= steps + 1)
+
+
+def test_timesteps_choice_and_defaults():
+    d = GaussianDiffusion(GaussianOracle("v"), prediction="v")
+    ref = None
+    for ts in S.TIMESTEPS:
+        x = d.sample((64, 1, 1, 1, 1), steps=8, sampler="dpmpp_2m", timesteps=ts, generator=_gen(1), progress=False)
+        assert torch.isfinite(x).all()
+        ref = x if ts == "karras" else ref
+    default = d.sample((64, 1, 1, 1, 1), steps=8, sampler="dpmpp_2m", generator=_gen(1), progress=False)
+    assert torch.equal(default, ref)  # dpmpp_2m's default grid is karras
+    assert S.DEFAULT_TIMESTEPS["ancestral"] == "uniform" and set(S.DEFAULT_TIMESTEPS) == set(S.SAMPLERS)
+    for bad, exc in (("cosine", ValueError), (3, TypeError)):
+        with pytest.raises(exc, match="timesteps"):
+            d.sample((2, 1, 1, 1, 1), steps=4, timesteps=bad, progress=False)
