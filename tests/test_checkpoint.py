@@ -274,6 +274,20 @@ def test_nonfinite_refused_on_save_and_on_load(tmp_path, monkeypatch):
             ckpt.load(tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64])
+def test_nonfinite_found_at_any_position_in_any_float_dtype(tmp_path, dtype):
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, 4, 1000, 1022):  # first, middle, a vectorised block's tail, last
+            t = torch.randn(31, 33).to(dtype).t()  # a strided view
+            t[pos % 33, pos // 33] = bad
+            with pytest.raises(ckpt.NonFiniteCheckpoint, match="'w'"):
+                ckpt.save(tmp_path, 1, config={}, model={"ok": torch.zeros(3), "w": t})
+    big = torch.full((7,), torch.finfo(dtype if not dtype.is_complex else torch.float32).max, dtype=dtype)
+    ckpt.save(tmp_path, 1, config={}, model={"max": big, "i": torch.arange(3), "b": torch.ones(2, dtype=torch.bool),
+                                             "empty": torch.empty(0, dtype=dtype)})
+    assert torch.equal(ckpt.load(tmp_path).model["max"], big)
+
+
 def test_format1_checkpoint_loads_unverified_said_once(tmp_path):
     model, opt = _model_and_optimizer()
     path = _save(tmp_path, 4, model, opt)

