@@ -92,12 +92,19 @@ def resolve(out: Path, cfg: TrainConfig, given: Collection[str] | None, *, main:
 def load(trainer, path: Path) -> None:
     """Restore `trainer` from checkpoint `path` (see the module docstring for what is refused)."""
     cfg = trainer.cfg
-    allow = ("optimizer", "ema") if cfg.reset_optimizer else ()
+    # --reset-optimizer: the optimizer files are not read at all (whatever is left of them), the EMA may be gone.
+    parts = ("model", "ema", "state") if cfg.reset_optimizer else ckpt.PARTS
+    allow = ("ema",) if cfg.reset_optimizer else ()
     try:
-        c = ckpt.load(path, map_location=trainer.device, allow_missing=allow)
+        c = ckpt.load(path, map_location=trainer.device, parts=parts, allow_missing=allow)
     except ckpt.CheckpointError as e:
-        hint = "" if cfg.resume_from_last_good else " (--resume-from-last-good resumes from the newest intact one)"
-        raise ckpt.CheckpointError(f"{e}{hint}") from None
+        if "lacks its optimizer" in str(e) or "lacks its ema" in str(e):
+            hint = "; --reset-optimizer resumes without it"
+        elif not cfg.resume_from_last_good:
+            hint = "; --resume-from-last-good resumes from the newest intact checkpoint"
+        else:
+            hint = ""
+        raise ckpt.CheckpointError(f"{str(e).split('; pass allow_missing')[0]}{hint}") from None
     trainer.model.load_state_dict(c.model)
     saved_cfg = c.config.get("train", {})
     if c.optimizer is not None and not cfg.reset_optimizer:

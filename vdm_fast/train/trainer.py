@@ -177,7 +177,8 @@ class Trainer:
                             bar.set_postfix_str(f"loss {rows[-1][1]:.4f}, {rate:.1f} examples/s", refresh=False)
                             bar.update(self.step - steps_last)
                         t_last, steps_last = now, self.step
-                    if self.step % cfg.save_every == 0 or done or stopping:
+                    # No periodic save inside a non-finite streak: it would prune a checkpoint from before it.
+                    if (self.step % cfg.save_every == 0 and not mon.in_a_row) or done or stopping:
                         path = self.save()
                     if stopping:
                         if main:
