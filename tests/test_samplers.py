@@ -364,7 +364,8 @@ class TinyNet(torch.nn.Module):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("sampler,kw", [("ancestral", {}), ("ddim", {}), ("pc", dict(corrector_steps=2))])
+@pytest.mark.parametrize("sampler,kw", [("ancestral", {}), ("ddim", {}), ("pc", dict(corrector_steps=2)),
+                                       ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_3m", dict(timesteps="uniform"))])
 def test_cuda_graph_loop_equals_eager(sampler, kw):
     net = TinyNet().cuda()
     d = GaussianDiffusion(net, prediction="v")
@@ -387,6 +388,79 @@ def test_cuda_graph_falls_back_for_reconstruction_guidance():
         d.sample((1, 4, 3, 8, 8), steps=6, x_a=torch.rand(1, 4, 1, 8, 8, device="cuda"),
                  a_mask=torch.tensor([True, False, False]), cuda_graph=True, progress=False)
     assert d.last_sample_info["cuda_graph"] is False and "autograd" in d.last_sample_info["reason"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_graph_on_a_gpu_that_is_not_the_current_device():
+    net = TinyNet().to("cuda:1")
+    d = GaussianDiffusion(net, prediction="v")
+    args = dict(steps=10, sampler="dpmpp_2m", progress=False)
+    with torch.cuda.device(0):
+        eager = d.sample((2, 4, 3, 8, 8), cuda_graph=False, generator=_gen(3, "cuda:1"), **args)
+        graphed = d.sample((2, 4, 3, 8, 8), generator=_gen(3, "cuda:1"), **args)
+    assert d.last_sample_info["cuda_graph"] is True, d.last_sample_info
+    assert torch.allclose(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_loop_guards_the_device_and_refuses_an_empty_capture(monkeypatch):
+    """The CUDA-graph loop's control flow on CPU, with torch.cuda's stream and graph API stubbed: the loop runs under
+    a device guard for the samples' device, captures with capture_error_mode="thread_local", and an empty capture
+    (PyTorch only warns) is refused: the buffers are restored and the sample equals the eager loop's exactly."""
+    import contextlib
+    import warnings
+
+    from vdm_fast.diffusion import fast_loop
+
+    record: dict = {}
+
+    class Stream:
+        def __init__(self, device=None):
+            record.setdefault("streams", []).append(device)
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            record["replayed"] = True
+
+    @contextlib.contextmanager
+    def graph(g, capture_error_mode="global", **kw):
+        record["mode"] = capture_error_mode
+        yield
+        warnings.warn("The CUDA Graph is empty. This usually means that the graph was attempted to be captured on "
+                      "wrong device or stream.", UserWarning, stacklevel=2)
+
+    guards = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        guards.append(t.device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(fast_loop, "device_guard", guard)
+    d = GaussianDiffusion(GaussianOracle("v", mean=0.1, std=0.4), prediction="v")
+    shape, seed = (2, 1, 2, 3, 3), _seed()
+    plan = fast_loop.make_plan(
+        d, shape, steps=6, sampler="dpmpp_3m", timesteps=None, gamma=0.3, corrector_steps=None, langevin_delta=0.1,
+        cond=torch.randn(2), guidance_weight=1.0, x_a=None, a_mask=None, x_lowres=None, conditioning="reconstruction",
+        w_r=1.0, clip=True, generator=_gen(seed), progress=False, cuda_graph=True, device=torch.device("cpu"),
+        model_kw={})
+    stepper = fast_loop.Stepper(plan)
+    captured, reason = fast_loop._run_graph(stepper, plan, fast_loop._progress_bar(plan))
+    assert not captured and "empty" in reason and "replayed" not in record, (reason, record)
+    assert record["mode"] == "thread_local" and guards == [torch.device("cpu")]
+    assert all(dev == torch.device("cpu") for dev in record["streams"])
+    eager = d.sample(shape, steps=6, sampler="dpmpp_3m", cond=plan.cond, guidance_weight=1.0, generator=_gen(seed),
+                     progress=False, cuda_graph=False)
+    assert torch.equal(stepper.result(), eager)
 
 
 def test_with_the_project_unet():

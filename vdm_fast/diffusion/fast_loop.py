@@ -6,9 +6,11 @@ Both loops run the same step body on the same buffers, so they draw the same noi
   two (steps, 8) tables (predictor rows, corrector rows). The eager loop reads row i as a view (no copy, no sync);
   the graph reads it with index_select on a device step counter that the graph itself increments.
 - The noise of step i is drawn by ONE `noise.normal_(generator=...)` into a (K, *shape) buffer before the step, K =
-  the draws a step needs: per model call, a replacement noise for z^a when frames are given; an ancestral noise
-  (ancestral, pc); a Langevin noise per corrector step. Outside the graph, so a user's generator drives both loops.
-- The update is one fused kernel on CUDA (kernels/diffusion_update.py) reading its coefficients from the row.
+  the draws a step needs: per model call, a replacement noise for z^a when frames are given; a fresh noise (ancestral,
+  pc, dpmpp_2m_sde); a Langevin noise per corrector step. Outside the graph, so a user's generator drives both loops.
+- The update is one fused kernel on CUDA (vdm_fast.ops.diffusion_update) reading its coefficients from the row; the
+  multistep solvers' previous x_hat live in a static (K, *shape) history buffer the kernel reads and shifts, so their
+  steps (whose order changes only through the row's coefficients) replay the same graph.
 - No .item(), no host sync, no host-to-device copy per step: the Python loop only queues work (and moves the
   progress bar).
 
@@ -20,8 +22,12 @@ the reason in GaussianDiffusion.last_sample_info (and a warning when cuda_graph=
 - not a CUDA device;
 - reconstruction guidance or super-resolution (x_lowres): they differentiate through the model each step, and a
   captured backward (make_graphed_callables-style) was not validated on a GPU in this project yet;
-- capture raised (a model with host syncs, data-dependent shapes, CPU tensors, ...): the remaining steps run eagerly.
-The graph assumes the model is a pure function of its inputs (no state changing from call to call).
+- capture raised (a model with host syncs, data-dependent shapes, CPU tensors, ...), or captured nothing (PyTorch only
+  warns about an empty graph): the buffers are restored and the remaining steps run eagerly.
+Multi-GPU safety: warm-up, capture and replay run under a device guard for the samples' device (a capture on another
+current device would record nothing), capture uses capture_error_mode="thread_local" (CUDA calls from other threads
+do not invalidate it), and the update's launch has its own guard. The graph assumes the model is a pure function of
+its inputs (no state changing from call to call).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from vdm_fast import _checks
 from vdm_fast._progress import progress_bar
 from vdm_fast.diffusion import guidance, samplers
 from vdm_fast.diffusion.samplers import ALPHA, LOGSNR, SIGMA
+from vdm_fast.kernels._common import device_guard
 
 WARMUP_STEPS = 2
 # Upper bounds of sample()'s scalars: far beyond any useful value, and small enough that the fp32 coefficients and
@@ -176,6 +183,15 @@ class Stepper:
         self.history = (torch.zeros((p.history, *p.shape), device=p.device, dtype=torch.float32)
                         if p.history else None)
 
+    def state(self) -> list[torch.Tensor | None]:
+        """Copies of the buffers a step changes (restored when a capture fails part-way)."""
+        return [t.clone() if t is not None else None for t in (self.z, self.x_hat, self.eps, self.history)]
+
+    def restore(self, state: list[torch.Tensor | None]) -> None:
+        for dst, src in zip((self.z, self.x_hat, self.eps, self.history), state):
+            if dst is not None:
+                dst.copy_(src)
+
     def draw(self) -> None:
         if self.noise.shape[0]:
             self.noise.normal_(generator=self.plan.generator)
@@ -267,6 +283,13 @@ def _run_eager(stepper: Stepper, plan: Plan, bar, start: int) -> None:
 
 
 def _run_graph(stepper: Stepper, plan: Plan, bar) -> tuple[bool, str]:
+    """Warm up, capture one step, replay it; every CUDA call under a guard for the plan's device (on a machine with
+    several GPUs a capture on the current device instead of the tensors' one records nothing)."""
+    with device_guard(stepper.z):
+        return _run_graph_on_device(stepper, plan, bar)
+
+
+def _run_graph_on_device(stepper: Stepper, plan: Plan, bar) -> tuple[bool, str]:
     n = plan.steps
     side = torch.cuda.Stream(device=plan.device)
     side.wait_stream(torch.cuda.current_stream(plan.device))
@@ -277,16 +300,26 @@ def _run_graph(stepper: Stepper, plan: Plan, bar) -> tuple[bool, str]:
             bar.update(1)
     torch.cuda.current_stream(plan.device).wait_stream(side)
     step_dev = torch.full((1,), WARMUP_STEPS, dtype=torch.int64, device=plan.device)
+    saved = stepper.state()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            row_p = plan.pred_table.index_select(0, step_dev)[0]
-            row_c = plan.corr_table.index_select(0, step_dev)[0]
-            stepper.step(row_p, row_c, final=False)
-            step_dev.add_(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # thread_local: a CUDA call from another thread (a logger, a pin-memory worker) does not invalidate the
+            # capture, as the default global mode lets it.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                row_p = plan.pred_table.index_select(0, step_dev)[0]
+                row_c = plan.corr_table.index_select(0, step_dev)[0]
+                stepper.step(row_p, row_c, final=False)
+                step_dev.add_(1)
+        for w in caught:  # PyTorch only warns about an empty capture: replaying it would silently do nothing
+            if "empty" in str(w.message).lower():
+                raise RuntimeError(f"the captured graph is empty ({w.message})")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except Exception as e:  # capture can fail for models that sync or branch on data: finish eagerly
         del graph
         torch.cuda.synchronize(plan.device)
+        stepper.restore(saved)
         _run_eager(stepper, plan, bar, WARMUP_STEPS)
         return False, f"capture failed ({type(e).__name__}: {str(e)[:300]})"
     for _ in range(WARMUP_STEPS, n - 1):
