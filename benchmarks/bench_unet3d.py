@@ -1,14 +1,27 @@
 """Unet3D: a training step (fwd+bwd, bf16 autocast) and a forward of the paper's UCF101 layout at base width 128,
-on vdm_fast's ops against the same model on the reference ops, eager and under torch.compile.
+on vdm_fast's ops against the same model on the reference ops, eager and under torch.compile; gradient checkpointing's
+memory; the bytes a training step copies.
 
 Targets (GPU): training step >= 1.6x reference eager and >= 1.2x torch.compile of the reference model, peak memory
 <= 0.7x reference eager. On CPU only the tiny preset is timed (Triton's fast paths need a GPU there).
+
+Gradient checkpointing (issue 15): bytes saved for backward by one training step (every tensor autograd keeps,
+through torch.autograd.graph.saved_tensors_hooks, once per storage, parameters excluded) with and without, at the
+ucf101 layout (levels 1,2,4,8, two blocks, attention at 32/16/8, 16x64x64) scaled down in width for the CPU; target
+<= 0.35x. On a GPU also the step time and peak memory with and without, at base 128.
+
+Copies (issue 12 item 2): the bytes a training step writes in copy-like aten ops (copy_, clone / contiguous /
+reshape copies, _to_copy, cat), seen by a TorchDispatchMode (the profiler records no shapes for cat's tensor list),
+attributed to Unet3D.forward itself (outside every submodule), to the layers, and in backward to the autograd node.
 """
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vdm_fast import backend
 from vdm_fast.model import Unet3D
@@ -121,5 +134,156 @@ def _cpu_rows(quick: bool) -> list[dict]:
     return rows
 
 
+# --- gradient checkpointing: bytes saved for backward -------------------------------------------------------------
+
+
+def saved_for_backward_bytes(loss_fn, params: nn.Module | None = None) -> int:
+    """Bytes autograd keeps for backward while loss_fn() builds its graph (each storage once; the storages of
+    `params`' parameters, which live anyway, left out); then runs the backward, so the graph is also checked whole."""
+    skip = {p.untyped_storage().data_ptr() for p in params.parameters()} if params is not None else set()
+    storages: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            storages[(s.device, s.data_ptr())] = s.nbytes()
+        return t  # kept alive by the graph, so no address is reused while counted
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return sum(storages.values())
+
+
+def _ucf101_scaled(base: int, device: str) -> Unet3D:
+    return _model(device, name="ucf101", base_channels=base, attn_head_dim=min(64, base),
+                  norm_groups=min(32, base // 2), dropout=0.1)
+
+
+def _checkpointing_rows(quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    device, mode = ("cuda", "auto") if GPU else ("cpu", "reference")
+    base = (64 if quick else 128) if GPU else (16 if quick else 32)
+    batch = 2 if GPU else 1
+    model = _ucf101_scaled(base, device).train()
+    x, logsnr, eps = _inputs(model, batch, FRAMES, SIZE, device)
+    dtype = torch.bfloat16 if GPU else torch.float32
+
+    def loss_fn():
+        with backend(mode), torch.autocast(device, dtype=dtype, enabled=GPU):
+            return (model(x, logsnr).float() - eps).square().mean()
+
+    saved, times, peaks = {}, {}, {}
+    for enabled in (False, True):
+        model._set_gradient_checkpointing(enabled)
+        with backend(mode):
+            saved[enabled] = saved_for_backward_bytes(loss_fn, model)
+        if GPU:
+            def step():
+                model.zero_grad(set_to_none=True)
+                loss_fn().backward()
+            times[enabled] = time_ms(step, quick=quick)
+            peaks[enabled] = peak_memory_mb(step)
+    model._set_gradient_checkpointing(False)
+    ratio = saved[True] / saved[False]
+    note = (f"saved for backward {saved[True] / 2**20:.1f} vs {saved[False] / 2**20:.1f} MiB without: {ratio:.3f}x "
+            f"(target <= 0.35x); ucf101 layout at base {base} ({model.parameter_count() / 1e6:.1f}M params), "
+            f"{'bf16 autocast, vdm_fast ops' if GPU else 'fp32, reference ops (CPU)'}")
+    if GPU:
+        note += f"; peak {peaks[True]:.0f} vs {peaks[False]:.0f} MiB ({peaks[True] / peaks[False]:.2f}x)"
+    r = row("unet3d train step, gradient checkpointing", (batch, 3, FRAMES, SIZE, SIZE), dtype,
+            "checkpointing vs none", times.get(True), baseline_ms=times.get(False), peak_mb=peaks.get(True), note=note)
+    r.update(saved_bytes=saved[True], baseline_saved_bytes=saved[False], saved_ratio=ratio)
+    rows = [r]
+    if not GPU:
+        rows.append(row("unet3d train step, gradient checkpointing", (2, 3, FRAMES, SIZE, SIZE), torch.bfloat16,
+                        "checkpointing vs none", None, note=f"peak memory and step time at base 128: {NOT_RUN_GPU}"))
+    return rows
+
+
+# --- copies made by a training step ---------------------------------------------------------------------------------
+
+# Copy-like aten ops -> the tensor whose bytes they write (the argument or the output).
+_COPY_OPS = {torch.ops.aten.copy_.default: "dst", torch.ops.aten.clone.default: "out",
+             torch.ops.aten._to_copy.default: "out", torch.ops.aten.cat.default: "out"}
+
+
+class _CopyCounter(TorchDispatchMode):
+    """Bytes written by copy-like aten ops, by (phase, where, op): forward ops by the innermost submodule of the model
+    running (`scope`, set by module hooks, e.g. "up.0.blocks.1.res.norm1 (GroupNormSiLU)"; "Unet3D.forward" outside
+    all), backward ops by their autograd node."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes: collections.Counter = collections.Counter()
+        self.scope: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        kind = _COPY_OPS.get(func)
+        if kind is not None:
+            t = args[0] if kind == "dst" else out
+            node = torch._C._current_autograd_node()
+            where = ("backward", node.name()) if node is not None else (
+                "forward", self.scope[-1] if self.scope else "Unet3D.forward")
+            self.bytes[(*where, func.__name__.split(".")[0])] += t.numel() * t.element_size()
+        return out
+
+
+def copied_bytes_by_origin(model: nn.Module, step) -> collections.Counter:
+    """{(phase, where, op): bytes} copied while step() runs (see _CopyCounter)."""
+    counter = _CopyCounter()
+    handles = []
+
+    def leave(*_):
+        counter.scope.pop()  # returns None: a forward hook's return value would replace the output
+
+    for name, m in model.named_modules():
+        if m is model:
+            continue
+        kind = type(m).__name__
+        handles.append(m.register_forward_pre_hook(lambda *_, n=f"{name} ({kind})": counter.scope.append(n)))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with counter:
+            step()
+    finally:
+        for h in handles:
+            h.remove()
+    return counter.bytes
+
+
+def _copy_rows(quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    device, mode = ("cuda", "auto") if GPU else ("cpu", "reference")
+    model = _model(device, name="ucf101", base_channels=128) if GPU else _model(device, name="tiny")
+    c = model.config
+    frames, size = (FRAMES, SIZE) if GPU else (c.num_frames, c.image_size)
+    x, logsnr, eps = _inputs(model, TRAIN_BATCH, frames, size, device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with backend(mode):
+            (model(x, logsnr) - eps).square().mean().backward()
+
+    step()
+    counts = copied_bytes_by_origin(model, step)
+    total = sum(counts.values())
+    own = {k: v for k, v in counts.items() if k[:2] == ("forward", "Unet3D.forward") or k[1] == "CatBackward0"}
+    unit = TRAIN_BATCH * c.base_channels * frames * size * size * x.element_size()  # conv_in's output
+    by_kind: collections.Counter = collections.Counter()
+    for (phase, where, op), b in counts.items():
+        by_kind[f"{phase} {where.split(' ')[-1].strip('()') if phase == 'forward' else where} {op}"] += b
+    top = ", ".join(f"{k} {b / 2**20:.2f}" for k, b in by_kind.most_common(4))
+    note = (f"{total / 2**20:.2f} MiB per step = {total / unit:.1f}x conv_in's output; Unet3D.forward's own "
+            f"{sum(own.values()) / 2**20:.2f} MiB (skip concatenations and the NDHWC layout of x and the output), "
+            f"the rest inside the layers; largest (MiB): {top}; "
+            f"{'vdm_fast ops, ucf101 base 128' if GPU else 'reference ops, tiny preset (CPU)'}")
+    r = row("unet3d train step copies (fwd+bwd)", tuple(x.shape), x.dtype, "vdm_fast", None, note=note)
+    r.update(copied_bytes=total, copied_bytes_model=sum(own.values()),
+             copied_bytes_detail={" / ".join(k): v for k, v in counts.most_common()})
+    return r and [r]
+
+
 def run(quick: bool = False) -> list[dict]:
-    return _gpu_rows(quick) if GPU else _cpu_rows(quick)
+    return (_gpu_rows(quick) if GPU else _cpu_rows(quick)) + _checkpointing_rows(quick) + _copy_rows(quick)

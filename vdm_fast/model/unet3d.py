@@ -22,11 +22,13 @@ dropout draws the same mask; the kernels are deterministic, so loss and gradient
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vdm_fast import _checks
+from vdm_fast import _checks, _dispatch
 from vdm_fast.model import legacy
 from vdm_fast.model.blocks import AttentionBlock, Conv1x3x3, Downsample, ResBlock, Upsample, frame_norm
 from vdm_fast.model.config import Unet3DConfig, preset_config
@@ -35,9 +37,15 @@ from vdm_fast.model.embeddings import ConditioningEmbedding
 
 def _run(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
     """module(*args, **kwargs), keeping only the inputs for backward when `recompute` (and autograd records)."""
-    if recompute and torch.is_grad_enabled():
+    if not (recompute and torch.is_grad_enabled()):
+        return module(*args, **kwargs)
+    if torch.compiler.is_compiling():  # the traced graph fixed the backend; compile takes no custom context_fn
         return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-    return module(*args, **kwargs)
+    # The ops read the backend when called, and the recomputation runs at backward time, perhaps outside the
+    # forward's `with vdm_fast.backend(...)`: recompute under the forward's backend, or it would run other ops.
+    mode = _dispatch.current_mode()
+    return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=lambda: (contextlib.nullcontext(), _dispatch.backend(mode)), **kwargs)
 
 
 class Block(nn.Module):
