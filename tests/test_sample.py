@@ -100,12 +100,13 @@ def test_frame_strip_keeps_at_most_max_frames_evenly():
     assert video_io.frame_strip(videos, max_frames=None, scale=1, padding=0).shape[1] == 20 * 4
 
 
-def test_write_outputs_gif_and_strip(tmp_path):
+def test_write_outputs_gif_and_strip(tmp_path, monkeypatch):
     from PIL import Image
 
+    monkeypatch.chdir(tmp_path)  # relative paths, as `--out samples.gif` gives (their folder is ".")
     videos = torch.rand(2, 3, 6, 8, 8) * 2 - 1
-    out = sample.write_outputs(videos, tmp_path / "v.gif", fps=4, strip=tmp_path / "s.png", strip_frames=3)
-    assert out == [tmp_path / "v.gif", tmp_path / "s.png"]
+    out = sample.write_outputs(videos, "v.gif", fps=4, strip="s.png", strip_frames=3)
+    assert [p.resolve() for p in out] == [tmp_path / "v.gif", tmp_path / "s.png"]
     with Image.open(out[0]) as im:
         assert im.n_frames == 6
     with Image.open(out[1]) as im:

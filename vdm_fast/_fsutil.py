@@ -52,7 +52,7 @@ def fsync_dir(path) -> None:
     """fsync a directory, so that renames and new entries in it survive a power loss. Filesystems that cannot open or
     fsync a directory are skipped: the rename is still atomic there, only its durability is the filesystem's."""
     try:
-        fd = os.open(_as_path(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # a directory: "." is one too
     except OSError:
         return
     try:
