@@ -116,6 +116,18 @@ def test_save_load_roundtrip_and_optimizer_continues_identically(tmp_path):
         assert entry["size"] == (path / name).stat().st_size and len(entry["sha256"]) == 64
 
 
+def test_tied_weights_views_and_empty_tensors_roundtrip(tmp_path):
+    a = torch.randn(5, 6)
+    model = {"a": a, "tied": a, "row": a[1], "t": a.t(), "tail": torch.randn(9)[3:], "e1": torch.empty(0),
+             "e2": torch.empty(0, 3), "h": torch.randn(4).half(), "i": torch.arange(5)}
+    ckpt.save(tmp_path, 1, config={}, model=model)
+    back = ckpt.load(tmp_path).model
+    assert set(back) == set(model)
+    for k, v in model.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert torch.equal(a, model["tied"])  # the caller's tensors are untouched
+
+
 def test_rng_state_roundtrip(tmp_path):
     model, opt = _model_and_optimizer(0)
     _save(tmp_path, 0, model, opt)

@@ -148,8 +148,17 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save  # safetensors: a dependency only checkpoints need
 
-    # Clones break any storage sharing between entries, which safetensors refuses.
-    _write_bytes(path, save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}))
+    # safetensors refuses tensors that share storage (tied weights, views): clone exactly those, not every tensor
+    # (a clone of each costs as much as the serialisation itself).
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        storage = v.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != v.numel() * v.element_size():
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    _write_bytes(path, save(out))
 
 
 def _load_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
