@@ -7,13 +7,21 @@ Rows (one per shape, pass and contender): `ms` is that contender's median time; 
 `gbps` counts q, k, v read once and out written once (forward), plus dout and out read and dq, dk, dv written
 (backward), and `pct_copy_bw` compares it with a device-to-device copy of the same byte count.
 Targets (issue): fwd >= 85% of copy bandwidth, >= 3x the SDPA path, >= 2x compiled FlexAttention; fwd+bwd >= 2.5x
-the SDPA path and >= 1.5x FlexAttention.
+the SDPA path and >= 1.5x FlexAttention. `vdm_fast packed` is the layer's entry point on the same bytes: the packed
+projection (B, T, H*W, 3 * heads * d) of a channels_last_3d activation, one packed gradient.
+
+Copy rows (any machine; on CPU the kernel launches are no-op'd, since the audit is of the layers' own path): the bytes
+copy-like aten ops write (copy_, clone, cat, stack, _to_copy, scatters; vdm_fast.testing.CopyCounter) in one
+forward + backward of TemporalAttention and SpatialAttention, channels_last_3d and contiguous input, as a multiple of
+the input activation's bytes. Target (issue 12): TemporalAttention <= 0.25x.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 
 import torch
 
@@ -39,10 +47,18 @@ def contenders(q, k, v, bias) -> dict:
     """name -> f(q, k, v, bias) -> out (N, heads, T, d)."""
     import torch.nn.functional as F
 
-    from vdm_fast.ops import temporal_attention
+    from vdm_fast.ops import temporal_attention, temporal_attention_packed
 
     def ours(q, k, v, bias):
         return temporal_attention(q, k, v, bias)
+
+    def ours_packed(q, k, v, bias):
+        # q is a view of the (B, H, W, T, 3 * heads * d) projection: its base, seen as the layer's (B, T, S, ...)
+        # packed layout, holds the same bytes (the layer's real layout; only the sequence order differs).
+        n, heads, frames, d = q.shape
+        qkv = q.as_strided((1, frames, n, 3 * heads * d), (0, q.stride(2), q.stride(0), 1))
+        out = temporal_attention_packed(qkv, heads, bias)
+        return out.view(frames, n, heads, d).permute(1, 2, 0, 3)
 
     def sdpa_path(q, k, v, bias):
         # What a model does without the fused op: make the layout contiguous, SDPA with the bias as attn_mask
@@ -61,7 +77,7 @@ def contenders(q, k, v, bias) -> dict:
 
         return flex(q, k, v, score_mod=score_mod)
 
-    fns = {"vdm_fast": ours, "sdpa_path": sdpa_path, "flex_compiled": flex_compiled}
+    fns = {"vdm_fast": ours, "vdm_fast packed": ours_packed, "sdpa_path": sdpa_path, "flex_compiled": flex_compiled}
     # The same path pinned to each SDPA backend that takes an additive bias, so a row says which one fails where.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -130,12 +146,66 @@ def _row(shape, dtype, contender, ms=None, baseline_ms=None, gbps=None, pct=None
                 baseline_ms=baseline_ms, speedup=speedup, gbps=gbps, pct_copy_bw=pct, peak_mb=peak_mb, note=note)
 
 
+# (label, B, C, T, H, W, heads): the U-Net's attention levels at base 128 (C = 256, 16x16) and base 256 (C = 512,
+# 8x8), T = 16, d = 64; fp32 on CPU (the copies do not depend on the dtype's size relative to the input's).
+COPY_SHAPES = [("B1 C256 T16 16x16 h4", 1, 256, 16, 16, 16, 4), ("B1 C512 T16 8x8 h8", 1, 512, 16, 8, 8, 8)]
+
+
+def copy_rows(quick: bool) -> list[dict]:
+    # vdm_fast.kernels imports Triton: only when the benchmark runs (as the module's other functions do).
+    from vdm_fast.kernels import temporal_attention as kern
+
+    import vdm_fast
+    from vdm_fast.layers import SpatialAttention, TemporalAttention
+    from vdm_fast.testing import CopyCounter
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    saved_launch, saved_env = kern._launch, os.environ.get("TRITON_INTERPRET")
+    if device == "cpu":
+        kern._launch = lambda *a: None  # the layers' path only: the outputs stay uninitialized, their bytes count
+        os.environ["TRITON_INTERPRET"] = "1"  # dispatch takes CPU tensors to the kernels only under the interpreter
+    try:
+        for label, b, c, frames, h, w, heads in COPY_SHAPES[:1] if quick else COPY_SHAPES:
+            for cls in (TemporalAttention, SpatialAttention):
+                layer = cls(c, heads=heads, dim_head=64).to(device)
+                for channels_last in (True, False):
+                    x = torch.randn(b, c, frames, h, w, device=device)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last_3d)
+                    x.requires_grad_()
+                    with vdm_fast.backend("triton") if device == "cpu" else contextlib.nullcontext():
+                        y = layer(x)
+                        g = torch.randn_like(y)
+                        with CopyCounter() as counter:
+                            layer(x).backward(g)
+                    ratio = counter.bytes / (x.numel() * x.element_size())
+                    target = " (target <= 0.25x)" if cls is TemporalAttention else ""
+                    r = _row(f"{label} fwd+bwd {'channels_last_3d' if channels_last else 'contiguous'}",
+                             torch.float32, f"copies {cls.__name__}",
+                             note=f"{ratio:.3f}x the input's bytes copied{target}: {counter.bytes} B by "
+                                  f"{sorted(set(counter.ops)) or 'nothing'}"
+                                  + ("; launches no-op'd (CPU)" if device == "cpu" else ""))
+                    r.update(copied_bytes=counter.bytes, copied_ratio=ratio)
+                    rows.append(r)
+    finally:
+        kern._launch = saved_launch
+        if device == "cpu":
+            if saved_env is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved_env
+    return rows
+
+
 def run(quick: bool) -> list[dict]:
     dtype = torch.bfloat16
     shapes = SHAPES[:1] if quick else SHAPES
     if not torch.cuda.is_available():
-        return [_row(s[0], dtype, c, note="not run: Triton kernels need a CUDA GPU")
-                for s in shapes for c in ("vdm_fast", "vdm_fast vs sdpa_path", "vdm_fast vs flex_compiled")]
+        return copy_rows(quick) + [
+            _row(s[0], dtype, c, note="not run: Triton kernels need a CUDA GPU")
+            for s in shapes for c in ("vdm_fast", "vdm_fast packed", "vdm_fast vs sdpa_path",
+                                      "vdm_fast vs flex_compiled")]
     from vdm_fast.ops import temporal_attention
 
     rows = []
@@ -152,6 +222,11 @@ def run(quick: bool) -> list[dict]:
             copy_gbps = nbytes / _copy_ms(nbytes, "cuda") / 1e6
             rows.append(_row(shape, dtype, "vdm_fast", ours_ms, None, gbps, 100 * gbps / copy_gbps, peak))
             for name in [n for n in fns if n != "vdm_fast"]:
+                if name == "vdm_fast packed":  # ours on the layer's entry point: its own row, same byte count
+                    ms, peak = _time(fns[name], args, backward)
+                    g = nbytes / ms / 1e6
+                    rows.append(_row(shape, dtype, name, ms, None, g, 100 * g / copy_gbps, peak))
+                    continue
                 try:
                     with torch.no_grad():
                         err = ((fns[name](*args).float() - want.float()).norm() / want.float().norm()).item()
@@ -166,7 +241,7 @@ def run(quick: bool) -> list[dict]:
                 torch.cuda.empty_cache()
         del args, want, fns
         torch.cuda.empty_cache()
-    return rows
+    return rows + copy_rows(quick)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Math, per sequence n and head h (T frames, head dim D): S = Q K^T * scale + bias[h] (masked entries -inf),
 P = softmax(S) row-wise, O = P V; a row with nothing allowed gives O = 0. Softmax statistics in fp32, base 2 (scale
 and the bias pre-multiplied by log2 e); the forward saves lse = log2-sum-exp per row for the backward, which
-recomputes P and forms dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ = dS K scale, dK = dS^T Q scale,
+recomputes P and forms dV = P^T dO, dP = dO V^T, dS = P (dP - delta) with delta = rowsum(P * dP) = rowsum(dO * O)
+(the first where the whole T x T tile is in registers, the second in the blocked path), dQ = dS K scale, dK = dS^T Q scale,
 dbias = sum over the sequences of dS.
 
 Layout. A sequence is addressed as (sample b, position s), n = b * S + s, with a stride for each, so both layouts the
@@ -204,18 +205,19 @@ def _bwd_kernel(
         k = tl.load(k_at + t_row * sk_t, mask=ok, other=0.0)
         v = tl.load(v_at + t_row * sv_t, mask=ok, other=0.0)
         do = tl.load(do_at + t_row * sdo_t, mask=ok, other=0.0)
-        o = tl.load(O + _own_row(b, s, h, t_row, S, T, HEADS, HEADS * D, D, PACKED) + d_col, mask=ok, other=0.0)
         stat_ok = tl.reshape(s_ok & (t_row < T), [BN, BT])
         lse = tl.load(tl.reshape(LSE + stat_at + t_row, [BN, BT]), mask=stat_ok, other=0.0)
         bias = tl.load(bias_at + t_row * sbias_i + t_col * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS else 0.0
         allowed = tl.load(mask_at + t_row * smask_i + t_col * smask_j, mask=tile_ok, other=0) if HAS_MASK else 1
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)  # rowsum(dO * O), [BN, BT]
         sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
         p = tl.math.exp2(sc - lse[:, :, None])  # 0 where not allowed, and in fully masked rows
         g_at = DQKV + _own_row(b, s, h, t_row, S, T, HEADS, grad_row, D, PACKED) + d_col
         dv = _dot(p.to(do.dtype), do, True, False, PREC, UPCAST)
         tl.store(g_at + 2 * KV_STEP, dv.to(DQKV.dtype.element_ty), mask=ok)
         dp = _dot(do, v, False, True, PREC, UPCAST)
+        # rowsum(dO * O) = rowsum(P * dP): formed from this tile, O is not read, and dS is exactly 0 where the
+        # softmax gradient vanishes (T = 1) rather than the rounding difference of two ways to sum the same thing.
+        delta = tl.sum(p * dp, 2)
         ds = p * (dp - delta[:, :, None])  # dL/d(score), fp32
         dq = _dot(ds.to(k.dtype), k, False, False, PREC, UPCAST) * scale
         tl.store(g_at, dq.to(DQKV.dtype.element_ty), mask=ok)

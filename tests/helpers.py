@@ -25,7 +25,7 @@ def strided(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] *= 2
     big = torch.randn(shape, dtype=t.dtype, device=t.device) if t.is_floating_point() else torch.randint(
-        -5, 5, shape, dtype=t.dtype, device=t.device)
+        0 if t.dtype == torch.bool else -5, 2 if t.dtype == torch.bool else 5, shape, dtype=t.dtype, device=t.device)
     view = big.narrow(dim, 0, t.shape[dim] * 2)[(slice(None),) * dim + (slice(0, None, 2),)]
     view.copy_(t)
     assert not view.is_contiguous() or t.numel() <= 1

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, GPU, TOL, assert_close, rel_err, strided
+from helpers import DEVICE, GPU, TOL, assert_close, strided
+from op_contract import OpContract
 
 import vdm_fast
 from vdm_fast import ops
 from vdm_fast import reference as ref
-from vdm_fast.layers import TemporalAttention
 
 # fp32: the spec's 1e-4 (the GPU computes fp32 products as three tf32 MMAs); fp16 / bf16 as tests/helpers.py says.
 ATOL = {torch.float32: 1e-4, torch.float16: TOL[torch.float16], torch.bfloat16: TOL[torch.bfloat16]}
@@ -73,6 +73,22 @@ def _check(q, k, v, bias, mask, scale=None, grad=None):
     return out
 
 
+def eager_lowprec(q, k, v, bias=None, mask=None, scale=None):
+    """Attention as plain PyTorch code runs it in the inputs' own precision (every intermediate in q's dtype): the
+    same-precision baseline whose error bounds ours (tests/op_contract.py)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    n = q.shape[0]
+    if bias is not None:
+        b = bias.to(q.dtype)
+        s = s + (b if b.dim() == 3 else b.repeat_interleave(n // b.shape[0], 0))
+    if mask is not None:
+        m = mask if mask.dim() == 2 else mask.repeat_interleave(n // mask.shape[0], 0)[:, None]
+        s = s.masked_fill(~m, float("-inf"))
+    p = torch.softmax(s, -1)
+    return torch.where(torch.isnan(p), torch.zeros_like(p), p) @ v
+
+
 CASES = [  # (N sequences, heads, T, d, bias, mask, per-sample B)
     (5, 2, 1, 32, "shared", None, 1),
     (6, 2, 7, 24, "per_sample", "shared", 3),
@@ -82,20 +98,79 @@ CASES = [  # (N sequences, heads, T, d, bias, mask, per-sample B)
     (3, 1, 33, 16, "per_sample", "shared", 3),
     (4, 2, 16, 128, "shared", None, 1),
     (9, 2, 5, 8, None, None, 1),
+    (6, 2, 6, 16, "per_sample", "per_sample", 2),  # bias per sample (B=2) with a mask per sample (B=3): lcm split
 ]
+_NAMES = ("n", "heads", "frames", "d", "bias", "mask", "batch")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,heads,frames,d,bias,mask,batch", CASES)
-def test_matches_reference(n, heads, frames, d, bias, mask, batch, dtype):
-    q, k, v = (torch.randn(n, heads, frames, d, device=DEVICE, dtype=dtype) for _ in range(3))
-    _check(q, k, v, _bias(bias, batch, heads, frames), _mask(mask, batch, frames))
+def _make(params, dtype, device):
+    n, heads, frames, d, bias, mask, batch = (params[k] for k in _NAMES)
+    q, k, v = (torch.randn(n, heads, frames, d, device=device, dtype=dtype) for _ in range(3))
+    mask_batch = 3 if params.get("mask_batch") else batch
+    bias_dtype = dtype if params.get("bias_lowp") else torch.float32
+    return dict(q=q, k=k, v=v, bias=_bias(bias, batch, heads, frames, bias_dtype), mask=_mask(mask, mask_batch, frames),
+                scale=params.get("scale"))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_bias_in_low_precision_and_custom_scale(dtype):
-    q, k, v = (torch.randn(6, 2, 9, 16, device=DEVICE, dtype=dtype) for _ in range(3))
-    _check(q, k, v, _bias("per_sample", 2, 2, 9, dtype=dtype), None, scale=0.37)
+class TestTemporalAttentionContract(OpContract):
+    """The shared op contract: fp64 reference agreement within k x the eager same-precision error (forward, dq, dk,
+    dv, dbias), strided views, opcheck, torch.compile (aot_eager and Inductor), bad input, determinism, device mix."""
+
+    differentiable = ("q", "k", "v", "bias")
+    cases = [(f"N{c[0]}-h{c[1]}-T{c[2]}-d{c[3]}-{c[4]}-{c[5]}-B{c[6]}", dict(zip(_NAMES, c))) for c in CASES[:-1]] + [
+        ("lcm-split", dict(zip(_NAMES, CASES[-1]), mask_batch=True)),
+        ("scale-lowp-bias", dict(zip(_NAMES, (6, 2, 9, 16, "per_sample", None, 2)), scale=0.37, bias_lowp=True))]
+    bad_inputs = [
+        (dict(k=torch.randn(4, 2, 6, 16)), ValueError, "k"),
+        (dict(v=torch.randn(4, 2, 5, 8)), ValueError, "v"),
+        (dict(q=torch.randn(2, 5, 16)), ValueError, "q"),
+        (dict(k=torch.randn(4, 2, 5, 16, dtype=torch.float16)), TypeError, "k"),
+        (dict(q=torch.randint(0, 3, (4, 2, 5, 16))), TypeError, "q"),
+        (dict(q=[[0.0]]), TypeError, "q"),
+        (dict(bias=torch.randn(2, 5, 6)), ValueError, "bias"),
+        (dict(bias=torch.randn(3, 5, 5)), ValueError, "bias"),
+        (dict(bias=torch.randn(3, 2, 5, 5)), ValueError, "bias.*B=3"),
+        (dict(bias=torch.randn(5, 5)), ValueError, "bias"),
+        (dict(mask=torch.ones(5, 5)), TypeError, "mask"),
+        (dict(mask=torch.ones(5, 4, dtype=torch.bool)), ValueError, "mask"),
+        (dict(mask=torch.ones(3, 5, 5, dtype=torch.bool)), ValueError, "mask"),
+        (dict(scale="x"), TypeError, "scale"),
+        (dict(scale=math.inf), TypeError, "scale"),
+        (dict(scale=math.nan), TypeError, "scale"),
+        (dict(scale=True), TypeError, "scale"),
+        (dict(q=torch.randn(4, 2, 129, 8), k=torch.randn(4, 2, 129, 8), v=torch.randn(4, 2, 129, 8)), ValueError,
+         "T=129"),
+        (dict(q=torch.randn(4, 2, 5, 160), k=torch.randn(4, 2, 5, 160), v=torch.randn(4, 2, 5, 160)), ValueError,
+         "d=160"),
+    ]
+
+    def make_inputs(self, params, dtype, device):
+        return _make(params, dtype, device)
+
+    def bad_base(self):
+        return dict(q=torch.randn(4, 2, 5, 16), k=torch.randn(4, 2, 5, 16), v=torch.randn(4, 2, 5, 16), bias=None,
+                    mask=None, scale=None)
+
+    def reference(self, q, k, v, bias, mask, scale):
+        return ref.temporal_attention(q, k, v, bias, mask, scale=scale)
+
+    def baseline(self, q, k, v, bias, mask, scale):
+        return eager_lowprec(q, k, v, bias, mask, scale)
+
+    def fast(self, q, k, v, bias, mask, scale):
+        return ops.temporal_attention(q, k, v, bias, mask, scale=scale)
+
+    def opcheck_cases(self):  # opcheck runs the op a dozen ways: small cases
+        return [dict(zip(_NAMES, (6, 1, 3, 8, "per_sample", "per_sample", 2)), mask_batch=True)]
+
+    def opcheck_calls(self, inputs):
+        scale = inputs["scale"] or 1.0 / math.sqrt(inputs["q"].shape[-1])
+        args = (inputs["q"], inputs["k"], inputs["v"], inputs["bias"], inputs["mask"], scale, "triton")
+        return [(torch.ops.vdm_fast.temporal_attention.default, args),
+                (torch.ops.vdm_fast.temporal_attention.default, (*args[:3], None, None, 1.0, "triton"))]
+
+    def compile_case(self):
+        return self.cases[1][1]
 
 
 def test_large_t_blocked_path():
@@ -120,20 +195,42 @@ def test_strided_views_read_in_place():
     _check(q.detach(), k.detach(), v, bias, mask, grad=grad)
 
 
-def test_per_sample_bias_spans_several_programs_and_launches(monkeypatch):
-    """S = 13 sequences a sample: several backward programs per sample, the last one partial; then a partials cap
-    so small that whole samples, and then parts of one sample, go to separate launches."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_bias_partials_span_several_programs_and_launches(monkeypatch, shared):
+    """S = 5 sequences a sample, 2 samples: several backward programs per sample, the last one partial; then a
+    partials cap so small that one sample goes to each launch, and then one so small that parts of one sample go
+    to separate launches (each summed in launch order). Per-sample bias (4-D op) and a shared bias over several
+    samples (packed op, B = 2), whose launches all add to one gradient."""
     from vdm_fast.kernels import temporal_attention as kern
 
-    q, k, v = (torch.randn(39, 2, 11, 16, device=DEVICE) for _ in range(3))
-    bias = _bias("per_sample", 3, 2, 11)
-    grad = torch.randn_like(q)
-    _, want = _reference_grads(q, k, v, bias, None, grad)
-    for cap in (None, 2 * 11 * 11 * 8, 2 * 11 * 11 * 2):
+    heads, frames, d = 2, 11, 16
+    qkv = torch.randn(2, frames, 5, 3 * heads * d, device=DEVICE)
+    bias = _bias("shared" if shared else "per_sample", 2, heads, frames)
+    grad = torch.randn(2, frames, 5, heads * d, device=DEVICE)
+
+    def grads(fn, x, b):
+        x, b = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        fn(x, b).backward(grad.to(x.dtype))
+        return x.grad, b.grad
+
+    if shared:
+        def fast(x, b):
+            return ops.temporal_attention_packed(x, heads, b)
+    else:
+        def fast(x, b):  # the 4-D op on the packed views (its per-sample grouping: N = B * S)
+            q, k, v = (t.reshape(2, frames, 5, heads, d).permute(0, 2, 3, 1, 4).reshape(10, heads, frames, d)
+                       for t in x.chunk(3, -1))
+            out = ops.temporal_attention(q, k, v, b)
+            return out.reshape(2, 5, heads, frames, d).permute(0, 3, 1, 2, 4).reshape(grad.shape)
+
+    want = grads(lambda x, b: ref.temporal_attention_packed(x, heads, b), qkv.double(), bias.double())
+    per_sample = heads * 5  # backward programs of one sample (BN = 1 at fp32, T = 11, d = 16)
+    for cap in (None, per_sample, 4):
         if cap is not None:
-            monkeypatch.setattr(kern, "MAX_PARTIAL_ELEMENTS", cap)
-        _, grads = _run(q.clone(), k.clone(), v.clone(), bias.clone(), None, grad)
-        for name, g, w in zip(("dq", "dk", "dv", "dbias"), grads, want):
+            monkeypatch.setattr(kern, "MAX_PARTIAL_ELEMENTS", cap * frames * frames)
+        with vdm_fast.backend("triton"):
+            got = grads(fast, qkv, bias)
+        for name, g, w in zip(("dqkv", "dbias"), got, want):
             assert_close(g, w, 1e-4, f"{name} (cap {cap})")
 
 
@@ -150,26 +247,12 @@ def test_fully_masked_rows_give_zeros(dtype):
     assert (q.grad[2:4] == 0).all() and (bias.grad[1] == 0).all()
 
 
-def test_backward_is_deterministic():
-    q, k, v = (torch.randn(24, 2, 16, 32, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
-    bias = _bias("per_sample", 3, 2, 16)
-    grad = torch.randn_like(q)
-    runs = [_run(q.clone(), k.clone(), v.clone(), bias.clone(), None, grad) for _ in range(3)]
-    for out, grads in runs[1:]:
-        assert torch.equal(out, runs[0][0])
-        assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
-
-
-def test_output_layout_and_empty_input():
+def test_output_layout():
     q = torch.randn(3, 2, 5, 8, device=DEVICE)
     with vdm_fast.backend("triton"):
         out = ops.temporal_attention(q, q, q)
-        # Stored (N, T, heads, d): the output projection reads out.transpose(1, 2) without a copy.
-        assert out.transpose(1, 2).is_contiguous()
-        empty = torch.randn(0, 2, 5, 8, device=DEVICE, requires_grad=True)
-        e = ops.temporal_attention(empty, empty, empty)
-        e.sum().backward()
-    assert e.shape == (0, 2, 5, 8) and empty.grad.shape == empty.shape
+    # Stored (N, T, heads, d): the output projection reads out.transpose(1, 2) without a copy.
+    assert out.transpose(1, 2).is_contiguous()
 
 
 def test_dispatch():
@@ -187,56 +270,6 @@ def test_dispatch():
     # fp64 in auto mode takes the reference, and is the definition itself.
     q = torch.randn(2, 1, 4, 8, dtype=torch.float64, device=DEVICE)
     assert torch.equal(ops.temporal_attention(q, q, q), ref.temporal_attention(q, q, q))
-
-
-def test_opcheck():
-    q, k, v = (torch.randn(6, 2, 7, 16, device=DEVICE, requires_grad=True) for _ in range(3))
-    bias = torch.randn(3, 2, 7, 7, device=DEVICE, requires_grad=True)
-    mask = _mask("shared", 1, 7)
-    op = torch.ops.vdm_fast.temporal_attention.default
-    torch.library.opcheck(op, (q, k, v, bias, mask, 0.25, "triton"))
-    torch.library.opcheck(op, (q, k, v, None, None, 0.25, "triton"))
-    torch.library.opcheck(op, (q, k, v, bias[0], mask[None].expand(2, 7, 7).contiguous(), 0.25, "triton"))
-
-
-def test_torch_compile_fullgraph():
-    layer = TemporalAttention(16, heads=2, dim_head=8).to(DEVICE)
-    x = torch.randn(2, 16, 5, 2, 3, device=DEVICE, requires_grad=True)
-
-    def f(x):
-        return layer(x, num_video_frames=3).square().sum()
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    with vdm_fast.backend("triton"):
-        got = compiled(x)
-        got.backward()
-    want = f(x.detach())  # the reference path (auto on CPU) or the kernels (auto on CUDA)
-    assert rel_err(got.detach(), want.detach()) < 1e-5
-    assert torch.isfinite(x.grad).all()
-
-
-@pytest.mark.parametrize("bad,err,match", [
-    (dict(k=torch.randn(4, 2, 6, 16)), ValueError, "k"),
-    (dict(v=torch.randn(4, 2, 5, 8)), ValueError, "v"),
-    (dict(q=torch.randn(2, 5, 16)), ValueError, "q"),
-    (dict(k=torch.randn(4, 2, 5, 16, dtype=torch.float16)), TypeError, "k"),
-    (dict(q=torch.randint(0, 3, (4, 2, 5, 16))), TypeError, "q"),
-    (dict(bias=torch.randn(2, 5, 6)), ValueError, "bias"),
-    (dict(bias=torch.randn(3, 5, 5)), ValueError, "bias"),
-    (dict(bias=torch.randn(3, 2, 5, 5)), ValueError, "bias.*B=3"),
-    (dict(bias=torch.randn(5, 5)), ValueError, "bias"),
-    (dict(mask=torch.ones(5, 5)), TypeError, "mask"),
-    (dict(mask=torch.ones(5, 4, dtype=torch.bool)), ValueError, "mask"),
-    (dict(mask=torch.ones(3, 5, 5, dtype=torch.bool)), ValueError, "mask"),
-    (dict(scale="x"), TypeError, "scale"),
-    (dict(scale=math.inf), TypeError, "scale"),
-])
-def test_bad_input_raises(bad, err, match):
-    args = dict(q=torch.randn(4, 2, 5, 16), k=torch.randn(4, 2, 5, 16), v=torch.randn(4, 2, 5, 16), bias=None,
-                mask=None, scale=None)
-    args.update(bad)
-    with pytest.raises(err, match=match):
-        ops.temporal_attention(args["q"], args["k"], args["v"], args["bias"], args["mask"], scale=args["scale"])
 
 
 def test_limits_raise():
@@ -257,52 +290,6 @@ def test_joint_video_image_mask():
     assert torch.equal(m[4:, 4:], torch.eye(2, dtype=torch.bool, device=DEVICE))
     assert ops.joint_video_image_mask(3, 0).equal(torch.eye(3, dtype=torch.bool))
     assert ops.joint_video_image_mask(3, 3).all()
-
-
-def test_layer_matches_manual_attention_and_reads_views(monkeypatch):
-    """The layer is qkv projection + attention with the relative position bias + output projection, over every
-    spatial position; it hands the op strided views of the projection output (no permute copies)."""
-    import vdm_fast.layers.temporal_attention as layer_mod
-
-    b, c, frames, h, w, heads, dh = 2, 12, 6, 3, 2, 3, 8
-    layer = TemporalAttention(c, heads=heads, dim_head=dh).to(DEVICE)
-    x = torch.randn(b, c, frames, h, w, device=DEVICE)
-    pos = torch.randint(0, 20, (b, frames), device=DEVICE)
-    seen = []
-
-    def spy(q, k, v, bias, mask):
-        seen.append((q, k, v, bias, mask))
-        return ops.temporal_attention(q, k, v, bias, mask)
-
-    monkeypatch.setattr(layer_mod, "temporal_attention", spy)
-    with vdm_fast.backend("triton"):
-        y = layer(x, positions=pos, num_video_frames=4)
-    q, k, v, bias, mask = seen[0]
-    assert not q.is_contiguous() and q.data_ptr() + heads * dh * q.element_size() == k.data_ptr()
-    assert bias.shape == (b, heads, frames, frames) and mask.shape == (frames, frames)
-
-    xs = x.permute(0, 3, 4, 2, 1).reshape(-1, frames, c)
-    qkv = xs @ layer.to_qkv.weight.t()
-    q2, k2, v2 = (t.reshape(-1, frames, heads, dh).transpose(1, 2) for t in qkv.chunk(3, -1))
-    s = q2 @ k2.transpose(-1, -2) / math.sqrt(dh)
-    s = s + layer.rel_pos_bias(pos).repeat_interleave(h * w, 0)
-    s = s.masked_fill(~ops.joint_video_image_mask(frames, 4, device=DEVICE), float("-inf"))
-    o = (s.softmax(-1) @ v2).transpose(1, 2).reshape(-1, frames, heads * dh) @ layer.to_out.weight.t()
-    want = o.reshape(b, h, w, frames, c).permute(0, 4, 3, 1, 2)
-    assert y.shape == x.shape
-    assert_close(y, want, 1e-5, "layer output")
-
-
-def test_layer_joint_mask_isolates_images():
-    layer = TemporalAttention(8, heads=2, dim_head=4).to(DEVICE)
-    x = torch.randn(1, 8, 5, 2, 2, device=DEVICE)
-    x2 = x.clone()
-    x2[:, :, 3:] = torch.randn_like(x2[:, :, 3:])  # change the appended images only
-    with vdm_fast.backend("triton"):
-        y, y2 = layer(x, num_video_frames=3), layer(x2, num_video_frames=3)
-        assert torch.equal(y[:, :, :3], y2[:, :, :3])
-        y.sum().backward()
-    assert layer.rel_pos_bias.relative_attention_bias.weight.grad is not None
 
 
 @pytest.mark.gpu

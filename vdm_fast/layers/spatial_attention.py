@@ -13,6 +13,10 @@ class SpatialAttention(nn.Module):
 
     Frames never mix, so this layer is exact under joint image-video training. The residual add is the caller's.
     heads * dim_head is the inner width; `heads=None` means dim // dim_head heads.
+
+    Copies: for channels_last_3d input (what Unet3D runs) x's memory is (B*T, H*W, C) as is. q, k and v are
+    projected with the three row blocks of to_qkv's weight (views) rather than split from one qkv output, whose
+    backward would stack dq, dk, dv into a new buffer; the result comes back as a channels_last_3d view.
     """
 
     def __init__(self, dim: int, heads: int | None = None, dim_head: int = 64):
@@ -27,13 +31,15 @@ class SpatialAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape (B, {self.dim}, T, H, W), got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, {self.dim}, T, H, W), got {got}")
         B, C, T, H, W = x.shape
         # (B, C, T, H, W) -> (B*T, H*W, C): one sequence per frame. Free for channels_last_3d input.
         seq = x.permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)
-        # Under autocast the projection returns q, k, v all in the autocast dtype: the attention sees one dtype.
-        q, k, v = self.to_qkv(seq).view(B * T, H * W, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        # Under autocast each projection returns the autocast dtype: the attention sees one dtype.
+        q, k, v = (F.linear(seq, w).view(B * T, H * W, self.heads, self.dim_head).transpose(1, 2)
+                   for w in self.to_qkv.weight.chunk(3, 0))
         out = F.scaled_dot_product_attention(q, k, v)  # (B*T, heads, H*W, dim_head), scale 1/sqrt(dim_head)
         out = self.to_out(out.transpose(1, 2).reshape(B * T, H * W, self.heads * self.dim_head))
         # Back to (B, C, T, H, W) as a channels_last_3d-strided view (no copy).

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vdm_fast.layers.rel_pos_bias import RelativePositionBias
-from vdm_fast.ops.temporal_attention import joint_video_image_mask, temporal_attention
+from vdm_fast.ops.temporal_attention import joint_video_image_mask, temporal_attention_packed
 
 
 class TemporalAttention(nn.Module):
@@ -14,15 +14,18 @@ class TemporalAttention(nn.Module):
     (and the joint image-video mask when asked), output projection. No norm and no residual: the block around it
     adds those, as video-diffusion-pytorch's Residual(PreNorm(...)) does.
 
-    Layout: the projections run over a channels-last view (B, H, W, T, C), so q, k, v are strided views of the qkv
-    output that the op reads in place, and the op's output ((N, T, heads, d) memory) feeds the output projection as
-    a view. The result is a (B, C, T, H, W) view of (B, H, W, T, C) memory. Parameter names follow
-    video-diffusion-pytorch's Attention (to_qkv, to_out, bias-free linears).
+    Layout, with no copy of an activation for channels_last_3d input (what Unet3D runs): the projection runs on x's
+    own memory viewed (B, T, H, W, C), giving qkv (B, T, H*W, 3 * heads * d), which the op reads in place
+    (`ops.temporal_attention_packed`); its output (B, T, H*W, heads * d) feeds the output projection as is; the
+    result, (B, T, H, W, C) memory, is returned as a channels_last_3d (B, C, T, H, W) view. In the backward the op
+    writes one packed dqkv for the projection. Contiguous input is projected as a batched matmul on its
+    (B, C, T*H*W) view instead (no copy either; the op then reads q, k, v with a strided channel dim).
+    Parameter names follow video-diffusion-pytorch's Attention (to_qkv, to_out, bias-free linears).
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, num_buckets: int = 32, max_distance: int = 32):
         super().__init__()
-        self.heads, self.dim_head = heads, dim_head
+        self.dim, self.heads, self.dim_head = dim, heads, dim_head
         hidden = heads * dim_head
         self.to_qkv = nn.Linear(dim, 3 * hidden, bias=False)
         self.to_out = nn.Linear(hidden, dim, bias=False)
@@ -32,16 +35,34 @@ class TemporalAttention(nn.Module):
                 num_video_frames: int | None = None) -> torch.Tensor:
         """x: (B, C, T, H, W). positions: (T,) or (B, T) integer frame indices (default 0..T-1).
         num_video_frames: if given, frames from that index on are independent images (joint training mask)."""
-        if x.dim() != 5:
-            raise ValueError(f"x must have shape (B, C, T, H, W), got {tuple(x.shape)}")
-        b, _, frames, h, w = x.shape
-        qkv = self.to_qkv(x.permute(0, 3, 4, 2, 1))  # (B, H, W, T, 3 * heads * d)
-        q, k, v = (t.reshape(b * h * w, frames, self.heads, self.dim_head).transpose(1, 2) for t in qkv.chunk(3, -1))
-        bias = self.rel_pos_bias(frames if positions is None else positions)
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, {self.dim}, T, H, W), got {got}")
+        b, c, frames, h, w = x.shape
+        bias = self.rel_pos_bias(frames if positions is None else _check_positions(positions, b, frames))
         mask = None if num_video_frames is None else joint_video_image_mask(frames, num_video_frames, device=x.device)
-        out = temporal_attention(q, k, v, bias, mask)  # (N, heads, T, d)
-        out = out.transpose(1, 2).reshape(b, h, w, frames, self.heads * self.dim_head)
-        return self.to_out(out).permute(0, 4, 3, 1, 2)
+        out = temporal_attention_packed(self._qkv(x), self.heads, bias, mask)  # (B, T, H*W, heads * d)
+        return self.to_out(out).view(b, frames, h, w, c).permute(0, 4, 1, 2, 3)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H*W, 3 * heads * d), computed on x's memory without copying x."""
+        b, c, frames, h, w = x.shape
+        channels_last = x.permute(0, 2, 3, 4, 1)
+        if channels_last.is_contiguous():
+            return self.to_qkv(channels_last).flatten(2, 3)
+        # bmm on the expanded weight: torch.matmul would fold the batch into the rows and copy the transposed x.
+        qkv = torch.bmm(self.to_qkv.weight.expand(b, -1, -1), x.reshape(b, c, frames * h * w))  # (B, 3hd, THW)
+        return qkv.view(b, -1, frames, h * w).permute(0, 2, 3, 1)
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, dim_head={self.dim_head}"
+        return f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}"
+
+
+def _check_positions(positions, batch: int, frames: int):
+    """positions: (T,) or (B, T) for x's B and T (its values are rel_pos_bias's to check)."""
+    if isinstance(positions, torch.Tensor) and (
+            (positions.dim() == 1 and positions.shape[0] == frames)
+            or (positions.dim() == 2 and tuple(positions.shape) == (batch, frames))):
+        return positions
+    got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+    raise ValueError(f"positions must have shape (T,) = ({frames},) or (B, T) = ({batch}, {frames}) for x, got {got}")

@@ -275,7 +275,7 @@ def _entry_4d(q, k, v, bias, mask, scale) -> _Entry:
                                                if b2 == batch or b2 == 1 else (frames * frames, frames, 1))
         kw = dict(packed=False, batch=batch, seqs=seqs, heads=heads, frames=frames, d=d, dtype=q.dtype,
                   inputs=(*split(q), *split(k), *split(v)), bias=bias_info, mask=mask_info,
-                  bias_batch=b1 if bias is not None and bias.dim() == 4 else 1)
+                  bias_batch=batch if b1 > 1 else 1)  # the kernel's bias batch (after any repeat)
         return _Entry(scale, kw, repeat_bias=batch // b1 if b1 > 1 and b1 != batch else 1,
                       repeat_mask=batch // b2 if b2 > 1 and b2 != batch else 1)
 
