@@ -55,6 +55,7 @@ from triton.runtime.jit import JITFunction
 from vdm_fast.kernels._common import cdiv
 
 from vdm_fast import kernels as pkg
+from vdm_fast._fsutil import atomic_write_text
 
 
 @dataclass
@@ -266,7 +267,9 @@ def capture() -> Iterator[list[Launch]]:
     The body of the replacement is JITFunction.run's own first half (triton 3.6: binder, then _pack_args), so the
     specialization is the JIT's, not a reimplementation of it. The backend is forced to "triton", and the dispatcher
     is told that the fast path can run on these CPU tensors (it otherwise allows that only under the interpreter);
-    the kernels' own interpreting() stays False, so launchers take their GPU branches.
+    the kernels' own interpreting() stays False, so launchers take their GPU branches. An @triton.autotune kernel
+    would try to benchmark its configs and fail on the stub's get_benchmarker (the package has none: its launchers
+    pick configs from tables, which is what this report is for).
     """
     from vdm_fast import _dispatch  # the dispatcher sits above the kernels: imported when a capture runs
 
@@ -284,13 +287,14 @@ def capture() -> Iterator[list[Launch]]:
                                tuple(int(x) for x in g) if g is not None else None))
         return None
 
+    previous = triton_driver._active  # reset_active() would create the real driver, which needs a GPU
     triton_driver.set_active(StubDriver())
     try:
         with mock.patch.object(JITFunction, "run", run), mock.patch.object(_dispatch, "interpreting", lambda: True), \
                 _dispatch.backend("triton"):
             yield launches
     finally:
-        triton_driver._active = None  # reset_active() would create the real driver, which needs a GPU
+        triton_driver._active = previous
 
 
 def cache_dir() -> Path:
@@ -314,10 +318,7 @@ def compile_launch(launch: Launch, arch: int, *, use_cache: bool = True) -> dict
            "shared_bytes": shared, **read_sass(sass), **occupancy(regs, shared, options.num_warps, arch)}
     row["spills"] = row["spill_ops"]
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(row))
-        os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+        atomic_write_text(path, json.dumps(row), make_parents=True)  # a concurrent run never reads half a file
     return dict(row, cached=False)
 
 
