@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from vdm_fast._cli import Parser, positive_int, run_guarded
+from vdm_fast._fsutil import atomic_write_bytes
 
 from . import common
 
@@ -210,15 +211,7 @@ def check_out_dir(out: Path) -> Path:
 def replace(path: Path, data: bytes) -> None:
     """Rewrite this run's own result file atomically (a temp file moved over it): a reader, or a run killed by its
     time cap, finds the previous complete version or the new one, never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def write_new(path: Path, data: bytes) -> Path:
