@@ -3,6 +3,12 @@ rebinding itself (undone by vdm_fast.unpatch).
 
 A patched module keeps its class, parameters and buffers: only an instance attribute `forward` is added (and a
 marker), so state_dicts, .to(), deepcopy and pickling see the same module.
+
+A fused forward skips calling the modules it fuses (a GroupNorm, a SiLU). Whatever users wrap around those modules
+after patching (forward or backward hooks, global module hooks, accelerate's cpu_offload / device hooks and diffusers'
+group offloading and layerwise casting, which replace a module's `forward`) would then be skipped silently. So every
+fused forward asks `bypassable(...)` at call time and, when any fused module is wrapped, runs the original forward,
+which calls those modules and their wrappers.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module  # the global hook registries live there
 
 MARK = "_vdm_fast_patched"  # instance attribute: the kind of patch applied to this module's forward
+_OWN = "_vdm_fast_forward"  # instance attribute: the forward rebind() set (a wrapper replaces `forward`, not this)
 
 
 @functools.lru_cache(maxsize=256)
@@ -62,9 +70,29 @@ def occurrences(model: nn.Module) -> Counter:
     return Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(f"_global{n}" for n in _HOOKS)  # torch.nn.modules.module's registries for every module
+
+
 def _has_hooks(module: nn.Module) -> bool:
-    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(len(getattr(module, n, None) or {}) for n in names)
+    return any(len(getattr(module, n, None) or {}) for n in _HOOKS)
+
+
+def _global_hooks() -> bool:
+    return any(len(getattr(_torch_module, n, None) or {}) for n in _GLOBAL_HOOKS)
+
+
+def bypassable(*modules: nn.Module) -> bool:
+    """At call time: True if a fused forward may skip calling `modules`, i.e. calling each would run exactly its
+    class's forward (or the one rebind() set) with no hook or wrapper around it."""
+    if _global_hooks():
+        return False
+    for m in modules:
+        d = m.__dict__
+        fwd = d.get("forward")
+        if _has_hooks(m) or (fwd is not None and fwd is not d.get(_OWN)) or "_hf_hook" in d:
+            return False
+    return True
 
 
 def why_not_rebindable(module: nn.Module, seen: Counter | None = None, *, bypassed: bool = False) -> str | None:
@@ -83,10 +111,12 @@ def why_not_rebindable(module: nn.Module, seen: Counter | None = None, *, bypass
     return None
 
 
-def rebind(module: nn.Module, forward: Callable, kind: str) -> None:
-    """module.forward = forward(module, ...) until unpatch. functools.partial, not a bound method: it pickles and
-    deep-copies with its module."""
-    module.__dict__["forward"] = functools.partial(forward, module)
+def rebind(module: nn.Module, forward: Callable, kind: str, *args) -> None:
+    """module.forward = forward(module, *args, ...) until unpatch. functools.partial, not a bound method: it pickles
+    and deep-copies with its module."""
+    fn = functools.partial(forward, module, *args)
+    module.__dict__["forward"] = fn
+    module.__dict__[_OWN] = fn
     module.__dict__[MARK] = kind
 
 
@@ -98,7 +128,9 @@ def restore(module: nn.Module) -> bool:
     """Undo rebind(); True if module was patched."""
     if MARK not in module.__dict__:
         return False
-    module.__dict__.pop("forward", None)
+    if module.__dict__.get("forward") is module.__dict__.get(_OWN):  # a wrapper set after patching stays
+        module.__dict__.pop("forward", None)
+    module.__dict__.pop(_OWN, None)
     module.__dict__.pop(MARK)
     return True
 
@@ -106,6 +138,13 @@ def restore(module: nn.Module) -> bool:
 def original_forward(module: nn.Module) -> Callable:
     """The class's own forward bound to module (what ran before patching)."""
     return type(module).forward.__get__(module)
+
+
+def as_film(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """t (B, C, 1, ...) broadcast over x (B, C, ...) as the (B, C) FiLM group_norm_silu takes; None if it is not."""
+    if t.dim() != x.dim() or tuple(t.shape[:2]) != tuple(x.shape[:2]) or any(s != 1 for s in t.shape[2:]):
+        return None
+    return t.flatten(1)
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:

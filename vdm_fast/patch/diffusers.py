@@ -1,15 +1,21 @@
-"""Adapters for diffusers models (UNet3DConditionModel, UNetMotionModel / AnimateDiff, and any model built of the
-same blocks).
+"""Adapters for diffusers models: UNet3DConditionModel (ModelScope), UNetMotionModel (AnimateDiff), I2VGen-XL,
+Stable Video Diffusion's UNetSpatioTemporalConditionModel and its AutoencoderKLTemporalDecoder, and any model built
+of the same blocks.
 
 - ResnetBlock2D: its forward does norm1 -> nonlinearity and norm2 (-> time scale/shift) -> nonlinearity; with
   nonlinearity an nn.SiLU both pairs are fused. The block's forward is replaced by a copy of diffusers' own with the
   two fused calls, proven for the forward sources listed in RESNET_FORWARD (a release that edits that forward is
-  left alone).
-- UNet3DConditionModel / UNetMotionModel: forward ends conv_norm_out -> conv_act (an nn.SiLU): fused pair.
-- Attention inside TransformerTemporalModel / AnimateDiffTransformer3D (self-attention over (b*h*w, frames, c)):
-  processor AttnProcessor2_0 or AttnProcessor -> TemporalAttnProcessor, the same code with
-  vdm_fast.ops.temporal_attention in place of the attention core (no 65,535 batch limit).
-The diffusers modules are imported only when the model's code already imported diffusers.
+  left alone). TemporalResnetBlock (SVD's temporal half of SpatioTemporalResBlock, U-Net and VAE decoder): the same
+  on 5-D input, statistics over the whole clip.
+- The U-Nets' and the temporal VAE decoder's forward end conv_norm_out -> conv_act (an nn.SiLU): a fused pair.
+- Attention inside TransformerTemporalModel / AnimateDiffTransformer3D / SVD's TemporalBasicTransformerBlock /
+  I2VGen-XL's temporal encoder (self-attention over (b*h*w, frames, c)): processor AttnProcessor2_0 or AttnProcessor
+  -> TemporalAttnProcessor, the same code with vdm_fast.ops.temporal_attention in place of the attention core (no
+  65,535 batch limit). diffusers' set_default_attn_processor() and set_attn_processor() replace it as they would
+  the processor it wraps.
+Every fused forward checks at call time that no hook or offloading wrapper was put on a module it skips (see
+vdm_fast/patch/_common.py), else runs diffusers' own forward. The diffusers modules are imported only when the
+model's code already imported diffusers.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import sys
 import torch
 from torch import nn
 
+from vdm_fast import ops
+from vdm_fast.ops.temporal_attention import MAX_D, MAX_T
 from vdm_fast.patch import _common, group_norm
 from vdm_fast.patch.report import PatchReport
 
@@ -30,7 +38,11 @@ RESNET_FORWARD = {
     "e975ef5f3cf497e5": "diffusers 0.35.2",
     "17c7b8ecb8987b5a": "diffusers 0.42.1",
 }
+TEMPORAL_RESNET_FORWARD = {"c3106a0635f668f1": "diffusers 0.42.1"}  # SVD's TemporalResnetBlock (5-D, whole clip)
 UNET_FORWARD = {  # conv_norm_out's output goes to conv_act and nowhere else
+    "UNetSpatioTemporalConditionModel": {"ede1b3e0114b8423": "diffusers 0.42.1"},  # Stable Video Diffusion
+    "TemporalDecoder": {"52177a5f7e7f230b": "diffusers 0.42.1"},  # SVD's AutoencoderKLTemporalDecoder.decoder
+    "I2VGenXLUNet": {"3a05b26da9d4b099": "diffusers 0.42.1"},
     "UNet3DConditionModel": {
         "77ca4353bcdba053": "diffusers 0.30.3", "9d03fdab3a771fed": "diffusers 0.35.2",
         "997015aa3e2bd40c": "diffusers 0.42.1",
@@ -44,7 +56,10 @@ PROCESSOR_CALL = {  # identical from 0.30.3 to 0.42.1
     "AttnProcessor2_0": {"1a7e4791b8f1d44b": "diffusers 0.30.3-0.42.1"},
     "AttnProcessor": {"aad888ffe2ae1d4b": "diffusers 0.30.3-0.42.1"},
 }
-TEMPORAL_CONTAINERS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
+# Modules whose Attention children attend over frames: (b*h*w, frames, c) self-attention (cross-attention in them
+# is refused by the processor check).
+TEMPORAL_CONTAINERS = ("TransformerTemporalModel", "AnimateDiffTransformer3D", "TemporalBasicTransformerBlock",
+                       "I2VGenXLTransformerTemporalEncoder")
 
 
 def _classes() -> dict | None:
@@ -53,7 +68,11 @@ def _classes() -> dict | None:
         return None
     found = {}
     for mod, names in (
-        ("diffusers.models.resnet", ("ResnetBlock2D",)),
+        ("diffusers.models.resnet", ("ResnetBlock2D", "TemporalResnetBlock")),
+        ("diffusers.models.attention", ("TemporalBasicTransformerBlock",)),
+        ("diffusers.models.unets.unet_spatio_temporal_condition", ("UNetSpatioTemporalConditionModel",)),
+        ("diffusers.models.autoencoders.autoencoder_kl_temporal_decoder", ("TemporalDecoder",)),
+        ("diffusers.models.unets.unet_i2vgen_xl", ("I2VGenXLUNet", "I2VGenXLTransformerTemporalEncoder")),
         ("diffusers.models.attention_processor", ("Attention", "AttnProcessor2_0", "AttnProcessor")),
         ("diffusers.models.unets.unet_3d_condition", ("UNet3DConditionModel",)),
         ("diffusers.models.unets.unet_motion_model", ("UNetMotionModel", "AnimateDiffTransformer3D")),
@@ -74,8 +93,10 @@ def _classes() -> dict | None:
 
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """diffusers' ResnetBlock2D.forward (0.42.1) with norm1 -> SiLU and norm2 (-> scale/shift) -> SiLU fused."""
-    if args or kwargs.get("scale", None) is not None or input_tensor.dim() not in group_norm.FUSED_DIMS:
-        return _common.original_forward(self)(input_tensor, temb, *args, **kwargs)  # its deprecation path
+    if (args or kwargs.get("scale", None) is not None or input_tensor.dim() not in group_norm.FUSED_DIMS
+            or not _common.bypassable(self.norm1, self.norm2, self.nonlinearity)):
+        # its deprecation path, or a hook / offloading wrapper on a module the fused path would skip
+        return _common.original_forward(self)(input_tensor, temb, *args, **kwargs)
 
     hidden_states = group_norm.fused_group_norm_silu(self.norm1, input_tensor)
 
@@ -105,7 +126,7 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args,
         if temb is None:
             raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
         time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-        film = _as_film(time_scale, hidden_states), _as_film(time_shift, hidden_states)
+        film = _common.as_film(time_scale, hidden_states), _common.as_film(time_shift, hidden_states)
         if film[0] is not None and film[1] is not None:
             hidden_states = group_norm.fused_group_norm_silu(self.norm2, hidden_states, film[0], film[1])
         else:  # a temb that broadcasts some other way: diffusers' own lines
@@ -124,22 +145,48 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args,
     return (input_tensor + hidden_states) / self.output_scale_factor
 
 
-def _as_film(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """t (B, C, 1, ...) broadcast over x (B, C, ...) as the (B, C) FiLM group_norm_silu takes; None if it is not."""
-    if t.dim() != x.dim() or tuple(t.shape[:2]) != tuple(x.shape[:2]) or any(s != 1 for s in t.shape[2:]):
-        return None
-    return t.flatten(1)
+def _temporal_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """diffusers' TemporalResnetBlock.forward (0.42.1; Stable Video Diffusion's U-Net and VAE decoder) with
+    norm1 -> SiLU and norm2 -> SiLU fused: GroupNorm over each group of the whole clip (C/G, T, H, W), as nn.GroupNorm
+    on a 5-D tensor."""
+    if input_tensor.dim() not in group_norm.FUSED_DIMS or not _common.bypassable(self.norm1, self.norm2,
+                                                                                   self.nonlinearity):
+        return _common.original_forward(self)(input_tensor, temb)
+    hidden_states = group_norm.fused_group_norm_silu(self.norm1, input_tensor)
+    hidden_states = self.conv1(hidden_states)
+
+    if self.time_emb_proj is not None:
+        temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, :, None, None]
+        temb = temb.permute(0, 2, 1, 3, 4)
+        hidden_states = hidden_states + temb
+
+    hidden_states = group_norm.fused_group_norm_silu(self.norm2, hidden_states)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+
+    return input_tensor + hidden_states
 
 
-def _why_not_resnet(block: nn.Module) -> str | None:
+# class name -> (its patched forward, the forward sources it was proven against)
+RESNETS = {
+    "ResnetBlock2D": (_resnet_forward, RESNET_FORWARD),
+    "TemporalResnetBlock": (_temporal_resnet_forward, TEMPORAL_RESNET_FORWARD),
+}
+
+
+def _why_not_resnet(block: nn.Module, name: str) -> str | None:
     fp = _common.fingerprint(type(block).forward)
-    if fp not in RESNET_FORWARD:
-        return f"ResnetBlock2D.forward source (fingerprint {fp}) is not one this adapter was proven against"
+    if fp not in RESNETS[name][1]:
+        return f"{name}.forward source (fingerprint {fp}) is not one this adapter was proven against"
     if type(block.norm1) is not nn.GroupNorm or type(block.norm2) is not nn.GroupNorm:
         return "norm1/norm2 are not exactly nn.GroupNorm"
     if type(block.nonlinearity) is not nn.SiLU:
         return f"non_linearity is {type(block.nonlinearity).__name__}, not nn.SiLU"
-    if block.time_embedding_norm not in ("default", "scale_shift"):
+    if getattr(block, "time_embedding_norm", "default") not in ("default", "scale_shift"):
         return f"time_embedding_norm={block.time_embedding_norm!r} (handled: 'default', 'scale_shift')"
     reason = _common.why_not_rebindable(block)
     for m in (block.norm1, block.norm2, block.nonlinearity):
@@ -148,24 +195,26 @@ def _why_not_resnet(block: nn.Module) -> str | None:
 
 
 def _patch_resnets(model, classes, report: PatchReport, claimed: set[int]) -> None:
-    cls = classes.get("ResnetBlock2D")
+    known = {classes[n]: n for n in RESNETS if n in classes}
     for path, block in model.named_modules():
-        if cls is None or type(block) is not cls:
+        name = known.get(type(block))
+        if name is None:
             continue
         norms = [(f"{path}.{n}", getattr(block, n, None)) for n in ("norm1", "norm2")]
         claimed.update(id(m) for _, m in norms)
         if _common.is_patched(block):
             report.already_patched += 2
             continue
-        reason = _why_not_resnet(block)
+        reason = _why_not_resnet(block, name)
         if reason:
             for where, _ in norms:
-                report.skip("GroupNorm", where, f"in ResnetBlock2D: {reason}")
+                report.skip("GroupNorm", where, f"in {name}: {reason}")
             continue
-        _common.rebind(block, _resnet_forward, "diffusers.ResnetBlock2D")
+        _common.rebind(block, RESNETS[name][0], f"diffusers.{name}")
+        how = (f"diffusers ResnetBlock2D (time_embedding_norm={block.time_embedding_norm!r})"
+               if name == "ResnetBlock2D" else f"diffusers {name} (5-D, statistics over the whole clip)")
         for where, _ in norms:
-            report.add(group_norm.KIND, where, f"diffusers ResnetBlock2D (time_embedding_norm="
-                                               f"{block.time_embedding_norm!r})")
+            report.add(group_norm.KIND, where, how)
 
 
 def _patch_unet_out(model, classes, report: PatchReport, seen, claimed: set[int]) -> None:
@@ -202,11 +251,19 @@ class TemporalAttnProcessor:
         self.original = original
         self.sdpa = sdpa
 
+    # diffusers' set_default_attn_processor() accepts only processors whose `__class__` is one of its own (an exact
+    # membership test), and it raised on a patched model. This processor computes what the processor it wraps
+    # computes, so it presents that class there; set_default_attn_processor() then replaces it with diffusers'
+    # default, which is what the call asks for. type(self) and isinstance(self, TemporalAttnProcessor) are unchanged.
+    @property
+    def __class__(self):
+        return type(self.original)
+
+    def __reduce__(self):  # pickle and deepcopy would otherwise rebuild `__class__`, the wrapped processor's class
+        return _temporal_processor, (self.original, self.sdpa)
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        from vdm_fast import ops
-        from vdm_fast.ops.temporal_attention import MAX_D, MAX_T
-
         inner_dim = attn.to_k.out_features if isinstance(attn.to_k, nn.Linear) else None
         if (args or kwargs or encoder_hidden_states is not None or attention_mask is not None
                 or hidden_states.dim() != 3 or hidden_states.shape[1] > MAX_T
@@ -244,6 +301,10 @@ class TemporalAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _temporal_processor(original, sdpa: bool) -> TemporalAttnProcessor:
+    return TemporalAttnProcessor(original, sdpa=sdpa)
 
 
 def _temporal_attention_paths(model, classes) -> set[int]:

@@ -18,6 +18,8 @@ import sys
 import torch
 from torch import nn
 
+from vdm_fast import ops
+from vdm_fast.ops.temporal_attention import MAX_D, MAX_T
 from vdm_fast.patch import _common, group_norm
 from vdm_fast.patch.report import PatchReport
 
@@ -39,11 +41,13 @@ def _module():
 
 def _block_forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
     """Block.forward: proj, then silu(group_norm(x) * (scale + 1) + shift) in one op."""
+    if not _common.bypassable(self.norm, self.act):  # a hook or wrapper added after patching must run
+        return _common.original_forward(self)(x, scale_shift)
     x = self.proj(x)
     scale = shift = None
     if scale_shift is not None:
         scale, shift = scale_shift
-        scale, shift = _as_film(scale, x), _as_film(shift, x)
+        scale, shift = _common.as_film(scale, x), _common.as_film(shift, x)
         if scale is None or shift is None or x.dim() not in group_norm.FUSED_DIMS:
             x = self.norm(x)  # a scale_shift that broadcasts some other way: the original lines
             x = x * (scale_shift[0] + 1) + scale_shift[1]
@@ -51,12 +55,6 @@ def _block_forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
     if x.dim() not in group_norm.FUSED_DIMS:
         return self.act(self.norm(x))
     return group_norm.fused_group_norm_silu(self.norm, x, scale, shift)
-
-
-def _as_film(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    if t.dim() != x.dim() or tuple(t.shape[:2]) != tuple(x.shape[:2]) or any(s != 1 for s in t.shape[2:]):
-        return None
-    return t.flatten(1)
 
 
 def _patch_blocks(model, vdp, report: PatchReport, claimed: set[int]) -> None:
@@ -92,9 +90,6 @@ def _patch_blocks(model, vdp, report: PatchReport, claimed: set[int]) -> None:
 
 def _attention_forward(self, x: torch.Tensor, pos_bias=None, focus_present_mask=None) -> torch.Tensor:
     """Attention.forward with the scores, bias, mask, softmax and weighted sum in vdm_fast.ops.temporal_attention."""
-    from vdm_fast import ops
-    from vdm_fast.ops.temporal_attention import MAX_D, MAX_T
-
     n, device = x.shape[-2], x.device
     d = self.to_qkv.out_features // (3 * self.heads)
     per_sample = focus_present_mask is not None and not (~focus_present_mask).all()
@@ -161,8 +156,6 @@ def _patch_attention(model, vdp, report: PatchReport) -> None:
 
 def _rel_pos_forward(self, n: int, device) -> torch.Tensor:
     """RelativePositionBias.forward(n, device) -> (heads, n, n) through vdm_fast.ops.rel_pos_bias."""
-    from vdm_fast import ops
-
     table = self.relative_attention_bias.weight
     return ops.rel_pos_bias(table, torch.arange(n, dtype=torch.long, device=device), max_distance=self.max_distance)
 
