@@ -101,7 +101,7 @@ def test_sampler_error_shrinks_with_steps():
 
 
 def test_clip():
-    d = GaussianDiffusion(GaussianOracle("eps", mean=0.8, std=0.5))
+    d = GaussianDiffusion(GaussianOracle("eps", mean=0.8, std=0.5), prediction="eps")
     free = d.sample((4096, 1, 1, 1, 1), steps=16, clip=False, generator=_gen(), progress=False)
     clipped = d.sample((4096, 1, 1, 1, 1), steps=16, clip=True, generator=_gen(), progress=False)
     assert free.max() > 1.2 and free.min() < -0.2
@@ -123,7 +123,7 @@ def test_single_step_and_reproducibility():
 
 
 def test_progress_bar_silent_off_a_terminal(capsys):
-    d = GaussianDiffusion(GaussianOracle())
+    d = GaussianDiffusion(GaussianOracle(), prediction="eps")
     d.sample((2, 1, 1, 2, 2), steps=4, progress=True, generator=_gen())
     assert capsys.readouterr().err == ""
 
@@ -132,11 +132,12 @@ def test_progress_bar_silent_off_a_terminal(capsys):
 def test_cfg_weight_zero_is_the_conditional_sampler():
     oracle = GaussianOracle("eps", mean=0.0, std=0.5)
     cond = torch.randn(64)
-    d = GaussianDiffusion(oracle)
+    d = GaussianDiffusion(oracle, prediction="eps")
     seed = _seed()
     guided = d.sample((64, 1, 1, 2, 2), steps=16, cond=cond, guidance_weight=0.0, generator=_gen(seed),
                       progress=False)
-    cond_only = GaussianDiffusion(lambda z, lam, cond=None, cond_mask=None: oracle(z, lam, cond, None))
+    cond_only = GaussianDiffusion(lambda z, lam, cond=None, cond_mask=None: oracle(z, lam, cond, None),
+                                  prediction="eps")
     plain = cond_only.sample((64, 1, 1, 2, 2), steps=16, cond=cond, generator=_gen(seed), progress=False)
     assert torch.equal(guided, plain)
     uncond = d.sample((64, 1, 1, 2, 2), steps=16, generator=_gen(seed), progress=False)
@@ -253,7 +254,7 @@ def test_super_resolution_guidance():
     B, T, H, W = 256, 2, 8, 8
     x = _gaussian_video(B, T, H, W, smooth_cov)
     low = downsample(x, (4, 4))
-    d = GaussianDiffusion(GaussianOracle("eps", cov_fn=smooth_cov))
+    d = GaussianDiffusion(GaussianOracle("eps", cov_fn=smooth_cov), prediction="eps")
     seed = _seed()
 
     def err(**kw):
@@ -630,3 +631,129 @@ def test_timesteps_choice_and_defaults():
     for bad, exc in (("cosine", ValueError), (3, TypeError)):
         with pytest.raises(exc, match="timesteps"):
             d.sample((2, 1, 1, 1, 1), steps=4, timesteps=bad, progress=False)
+
+
+# ---- hostile arguments (issue 18): one clear error naming the argument, never NaN, garbage or a hang ---------------
+NAN = float("nan")
+INF = float("inf")
+
+
+def _hostile_cases():
+    B, shape = 2, (2, 1, 4, 2, 2)
+    xa = torch.zeros(2, 1, 1, 2, 2)
+    m1 = torch.tensor([True, False, False, False])
+    x = torch.rand(2, 1, 4, 2, 2) * 2 - 1
+    s = [(ValueError, "guidance_weight", dict(cond=torch.zeros(B), guidance_weight=w)) for w in (INF, -INF, 1e308, NAN)]
+    s += [(ValueError, "langevin_delta", dict(sampler="pc", langevin_delta=v)) for v in (INF, 1e6, NAN, -1.0)]
+    s += [(ValueError, "w_r", dict(x_a=xa, a_mask=m1, w_r=v)) for v in (INF, NAN, 1e9)]
+    s += [(ValueError, "gamma", dict(gamma=v)) for v in (NAN, INF, -0.1)]
+    s += [(TypeError, "gamma", dict(gamma=True)), (TypeError, "guidance_weight", dict(guidance_weight="2"))]
+    s += [(ValueError, "cond", dict(cond=torch.tensor([0.0, NAN]), guidance_weight=1.0)),
+          (ValueError, "x_a", dict(x_a=torch.full((2, 1, 1, 2, 2), NAN), a_mask=m1)),
+          (ValueError, "x_lowres", dict(x_lowres=torch.tensor(INF).expand(2, 1, 4, 1, 1).clone())),
+          (ValueError, "steps", dict(steps=10**9)), (ValueError, "corrector_steps", dict(sampler="pc",
+                                                                                          corrector_steps=10**6)),
+          (ValueError, "device", dict(device="meta")), (ValueError, "device", dict(device="cuda:7")),
+          (ValueError, "device", dict(device="tpu")), (TypeError, "device", dict(device=3)),
+          (TypeError, "cond_mask", dict(cond_mask=torch.ones(2, dtype=torch.bool))),
+          (ValueError, "timesteps", dict(timesteps="cosine"))]
+    cases = [("sample", exc, name, kw) for exc, name, kw in s]
+    cases += [("sample_shape", ValueError, r"^shape \(1, 3, 16, 16\)", dict(shape=(1, 3, 16, 16)))]
+    loss = [(ValueError, "t", dict(t=torch.tensor([0.5, 1.5], dtype=torch.float64))),
+            (ValueError, "t", dict(t=torch.tensor([-0.1, 0.5]))), (ValueError, "t", dict(t=torch.tensor([NAN, 0.5]))),
+            (TypeError, "t", dict(t=torch.tensor([True, False]))), (TypeError, "t", dict(t=torch.tensor([0, 1]))),
+            (TypeError, "noise", dict(noise=torch.zeros(shape, dtype=torch.int64))),
+            (TypeError, "cond_mask", dict(cond=torch.zeros(B, 3), cond_mask=torch.tensor([1, 0]))),
+            (ValueError, "cond_mask", dict(cond=torch.zeros(B, 3), cond_mask=torch.tensor([True]))),
+            (ValueError, "cond", dict(cond=torch.tensor([[NAN], [0.0]]))),
+            (TypeError, "uint8", dict(x=(x * 127 + 128).to(torch.uint8))), (ValueError, r"\[-1, 1\]", dict(x=x * 255)),
+            (ValueError, "x", dict(x=torch.full(shape, NAN))), (ValueError, "x", dict(x=torch.zeros(0, 1, 4, 2, 2)))]
+    cases += [("loss", exc, name, kw) for exc, name, kw in loss]
+    video = torch.rand(2, 1, 4, 2, 2) * 2 - 1
+    ext = [(ValueError, "num_frames", dict(num_frames=10**9)), (ValueError, "video", dict(video=video * NAN)),
+           (ValueError, "num_frames", dict(num_frames=2**20, video=torch.zeros(64, 3, 4, 256, 256))),
+           (ValueError, "device", dict(device="meta"))]
+    cases += [("extend", exc, name, kw) for exc, name, kw in ext]
+    cases += [("init", ValueError, "logsnr_max", dict(logsnr_max=100.0)),
+              ("init", ValueError, "logsnr_min", dict(logsnr_min=-40.0)),
+              ("init", TypeError, "logsnr_max", dict(logsnr_max=NAN))]
+    return cases
+
+
+HOSTILE = _hostile_cases()
+
+
+class _ShapeCheckingModel:
+    """A model that, like Unet3D, checks its input's dims and names x."""
+
+    def __call__(self, z, logsnr, cond=None, cond_mask=None, **kw):
+        if z.dim() != 5:
+            raise ValueError(f"x must be (B, C, T, H, W), got shape {tuple(z.shape)}")
+        return torch.zeros_like(z)
+
+
+@pytest.mark.parametrize("where,exc,name,kw", HOSTILE, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(HOSTILE)])
+def test_hostile_arguments(where, exc, name, kw):
+    import time
+
+    kw = dict(kw)
+    t0 = time.perf_counter()
+    if where == "init":
+        with pytest.raises(exc, match=name):
+            GaussianDiffusion(GaussianOracle("v"), **kw)
+        return
+    d = GaussianDiffusion(_ShapeCheckingModel() if where == "sample_shape" else GaussianOracle("v"))
+    with pytest.raises(exc, match=name) as info:
+        if where == "sample" or where == "sample_shape":
+            d.sample(kw.pop("shape", (2, 1, 4, 2, 2)), **{"steps": 4, "progress": False, **kw})
+        elif where == "loss":
+            d.loss(kw.pop("x", torch.rand(2, 1, 4, 2, 2) * 2 - 1), **kw)
+        else:
+            d.extend(kw.pop("video", torch.rand(2, 1, 4, 2, 2) * 2 - 1), kw.pop("num_frames", 6), window=4, steps=2,
+                     progress=False, **kw)
+    assert "\n" not in str(info.value) and time.perf_counter() - t0 < 10
+
+
+def test_defaults_agree_with_the_trainer_and_the_cli():
+    """prediction defaults to "v" (the trainer's), and sampler="pc" runs with its default corrector_steps (1, as the
+    CLI)."""
+    import inspect
+
+    d = GaussianDiffusion(GaussianOracle("v", mean=0.1, std=0.4))
+    assert d.prediction == "v"
+    model = Counting(GaussianOracle("v", mean=0.1, std=0.4))
+    x = GaussianDiffusion(model).sample((2, 1, 1, 2, 2), steps=4, sampler="pc", progress=False)
+    assert torch.isfinite(x).all() and model.calls == 4 * 2 - 1
+    assert inspect.signature(GaussianDiffusion.sample).parameters["corrector_steps"].default is None
+
+
+def test_property_valid_result_or_named_error():
+    """Over random combinations of sample()'s scalar arguments (hostile ones included): a finite sample in [-1, 1]
+    of the right shape, or one ValueError / TypeError naming the argument, within a time bound."""
+    hypothesis = pytest.importorskip("hypothesis")  # a test-only dependency
+    import time
+
+    st = hypothesis.strategies
+    floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.5, 1.0, -1.0, 1e308]),
+                       st.booleans(), st.text(max_size=2), st.none())
+    d = GaussianDiffusion(GaussianOracle("v", mean=0.1, std=0.4))
+    names = ("steps", "sampler", "timesteps", "gamma", "guidance_weight", "w_r", "langevin_delta", "corrector_steps")
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+    @hypothesis.given(steps=st.one_of(st.integers(-2, 12), floats), sampler=st.one_of(st.sampled_from(S.SAMPLERS),
+                      floats), timesteps=st.one_of(st.sampled_from(S.TIMESTEPS + (None,)), floats),
+                      gamma=floats, w=floats, w_r=floats, delta=floats, corr=st.one_of(st.integers(-1, 3), st.none()))
+    def check(steps, sampler, timesteps, gamma, w, w_r, delta, corr):
+        kw = dict(steps=steps, sampler=sampler, timesteps=timesteps, gamma=gamma, guidance_weight=w, w_r=w_r,
+                  langevin_delta=delta, corrector_steps=corr)
+        t0 = time.perf_counter()
+        try:
+            x = d.sample((2, 1, 2, 2, 2), cond=torch.zeros(2), x_a=torch.zeros(2, 1, 1, 2, 2),
+                         a_mask=torch.tensor([True, False]), progress=False, **kw)
+        except (ValueError, TypeError) as e:
+            assert any(n in str(e) for n in names), e
+        else:
+            assert x.shape == (2, 1, 2, 2, 2) and torch.isfinite(x).all() and x.abs().max() <= 1.0
+        assert time.perf_counter() - t0 < 10
+
+    check()

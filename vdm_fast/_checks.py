@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,3 +59,27 @@ def one_of(value, name: str, choices):
     if value is not None and not isinstance(value, str) and all(isinstance(c, str) for c in choices):
         raise TypeError(f"{name} must be a str, one of {tuple(choices)}, got {type(value).__name__}")
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def number(v, name: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> float:
+    """A finite real number in [lo, hi] ((lo, hi] with lo_open); bool is not a number. Returns it as a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ValueError(f"{name} must be a finite number in {rng}, got {v}")
+    return v
+
+
+def finite(t: torch.Tensor, name: str, *, lo: float | None = None, hi: float | None = None) -> None:
+    """t (floating) holds no NaN or Inf, and lies in [lo, hi] where given: ONE min/max reduction and one host sync
+    (NaN propagates into both ends, an Inf shows in one)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    lo_t, hi_t = torch.aminmax(t.detach())
+    mn, mx = torch.stack([lo_t, hi_t]).double().tolist()
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        raise ValueError(f"{name} holds NaN or Inf values")
+    if (lo is not None and mn < lo) or (hi is not None and mx > hi):
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got values in [{mn:.4g}, {mx:.4g}]")

@@ -32,7 +32,6 @@ its inputs (no state changing from call to call).
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -50,6 +49,9 @@ WARMUP_STEPS = 2
 MAX_GUIDANCE_WEIGHT = 1e3
 MAX_LANGEVIN_DELTA = 1.0
 MAX_W_R = 1e4
+# A sampling run's length: the coefficient tables are (steps, 8) and the loop is Python; far beyond any use.
+MAX_STEPS = 100_000
+MAX_CORRECTOR_STEPS = 100
 
 
 @dataclass
@@ -94,16 +96,6 @@ class Plan:
         return samplers.HISTORY[self.sampler]
 
 
-def _number(v, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ValueError(f"{name} must be in {rng}, got {v}")
-    return v
-
-
 def make_plan(diffusion, shape, *, steps, sampler, timesteps, gamma, corrector_steps, langevin_delta, cond,
               guidance_weight, x_a, a_mask, x_lowres, conditioning, w_r, clip, generator, progress, cuda_graph, device,
               model_kw) -> Plan:
@@ -115,19 +107,23 @@ def make_plan(diffusion, shape, *, steps, sampler, timesteps, gamma, corrector_s
         raise ValueError(f"shape must be a non-empty tuple of positive ints (B, C, T, H, W), got {shape!r}")
     shape = tuple(shape)
     _checks.positive_int(steps, "steps")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be <= {MAX_STEPS}, got {steps}")
     sampler = samplers.check_sampler(sampler)
     timesteps = samplers.check_timesteps(timesteps, sampler)
-    gamma = _number(gamma, "gamma", 0.0, 1.0)
+    gamma = _checks.number(gamma, "gamma", 0.0, 1.0)
     if corrector_steps is None:  # pc's default: one Langevin step per step (the CLI's default too)
         corrector_steps = 1 if sampler == "pc" else 0
     _checks.positive_int(corrector_steps, "corrector_steps", minimum=0)
+    if corrector_steps > MAX_CORRECTOR_STEPS:
+        raise ValueError(f"corrector_steps must be <= {MAX_CORRECTOR_STEPS}, got {corrector_steps}")
     if sampler == "pc" and corrector_steps < 1:
         raise ValueError("corrector_steps must be >= 1 with sampler='pc' (its Langevin steps per step)")
     if sampler != "pc" and corrector_steps:
         raise ValueError(f"corrector_steps must be 0 with sampler={sampler!r} (use sampler='pc')")
-    langevin_delta = _number(langevin_delta, "langevin_delta", 0.0, MAX_LANGEVIN_DELTA, lo_open=True)
-    w = _number(guidance_weight, "guidance_weight", -1.0, MAX_GUIDANCE_WEIGHT)
-    w_r = _number(w_r, "w_r", 0.0, MAX_W_R)
+    langevin_delta = _checks.number(langevin_delta, "langevin_delta", 0.0, MAX_LANGEVIN_DELTA, lo_open=True)
+    w = _checks.number(guidance_weight, "guidance_weight", -1.0, MAX_GUIDANCE_WEIGHT)
+    w_r = _checks.number(w_r, "w_r", 0.0, MAX_W_R)
     if not isinstance(clip, bool):
         raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
@@ -145,6 +141,7 @@ def make_plan(diffusion, shape, *, steps, sampler, timesteps, gamma, corrector_s
             raise TypeError(f"cond must be a torch.Tensor, got {type(cond).__name__}")
         if cond.dim() == 0 or cond.shape[0] != B:
             raise ValueError(f"cond must have batch size {B} (first dim), got shape {tuple(cond.shape)}")
+        _checks.finite(cond, "cond")
         cond = cond.to(device)
         if w != 0.0:
             cfg_mask = torch.arange(2 * B, device=device) < B
@@ -157,6 +154,9 @@ def make_plan(diffusion, shape, *, steps, sampler, timesteps, gamma, corrector_s
                          "reconstruction guidance (conditioning='reconstruction')")
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    if "cond_mask" in model_kw:
+        raise TypeError("cond_mask is set by sample() itself (classifier-free guidance marks the unconditional "
+                        "half); pass cond and guidance_weight instead")
     sched = diffusion.schedule
     pred_table = samplers.predictor_table(sched, steps, sampler, gamma, timesteps)
     corr_table = samplers.corrector_table(sched, steps, langevin_delta, timesteps)
@@ -173,6 +173,7 @@ class Stepper:
 
     def __init__(self, plan: Plan):
         self.plan = plan
+        self.first_call = True
         p = plan
         self.z = torch.randn(p.shape, generator=p.generator, device=p.device, dtype=torch.float32)
         self.noise = torch.empty((p.noise_slots, *p.shape), device=p.device, dtype=torch.float32)
@@ -215,16 +216,24 @@ class Stepper:
         noise = None
         if noisy:
             noise, slot = self.noise[slot], slot + 1
-        if p.gradient_guidance:
-            x_t = guidance.guided_x(p.model, z, logsnr, alpha, sigma, prediction=p.prediction, cond=p.cond, w=p.w,
-                                    cfg_mask=p.cfg_mask, model_kw=p.model_kw, frames=p.frames, lowres=p.lowres,
-                                    w_r=p.w_r)
-            samplers.update_(z, x_t, None, row, noise, w=0.0, prediction="x", corrector=corrector, clip=p.clip,
-                             out_e=out_e, history=hist)
-        else:
-            pred, pred_u = guidance.predict(p.model, z, logsnr, p.cond, p.w, p.cfg_mask, p.model_kw)
-            samplers.update_(z, pred, pred_u, row, noise, w=p.w, prediction=p.prediction, corrector=corrector,
-                             clip=p.clip, out_e=out_e, history=hist)
+        try:
+            if p.gradient_guidance:
+                pred = guidance.guided_x(p.model, z, logsnr, alpha, sigma, prediction=p.prediction, cond=p.cond,
+                                         w=p.w, cfg_mask=p.cfg_mask, model_kw=p.model_kw, frames=p.frames,
+                                         lowres=p.lowres, w_r=p.w_r)
+                pred_u, w, prediction = None, 0.0, "x"
+            else:
+                pred, pred_u = guidance.predict(p.model, z, logsnr, p.cond, p.w, p.cfg_mask, p.model_kw)
+                w, prediction = p.w, p.prediction
+        except (ValueError, TypeError) as e:
+            # The model only ever sees z of the `shape` asked for: what it refuses on the first call is that shape.
+            if not self.first_call or str(e).startswith("model returned"):
+                raise
+            raise type(e)(f"shape {p.shape}: the model refused a sample of this shape: {e}") from e
+        finally:
+            self.first_call = False
+        samplers.update_(z, pred, pred_u, row, noise, w=w, prediction=prediction, corrector=corrector, clip=p.clip,
+                         out_e=out_e, history=hist)
         return slot
 
     def result(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from vdm_fast import _checks
 from vdm_fast.diffusion import fast_loop, guidance
 from vdm_fast.diffusion.parameterization import (
     PREDICTIONS,
@@ -22,17 +23,22 @@ from vdm_fast.diffusion.parameterization import (
 )
 from vdm_fast.diffusion.schedule import CosineSchedule, alpha_sigma
 
+# loss() takes data scaled to [-1, 1]. It refuses values beyond +-8: pixel-range data ([0, 255], x * 255) for sure,
+# while data of unit scale that exceed [-1, 1] legitimately (Gaussian test data: 8 is 8 standard deviations) pass.
+X_MAX_ABS = 8.0
+
 
 class GaussianDiffusion(torch.nn.Module):
     """The continuous-time variance-preserving diffusion process around a denoising model.
 
     model: any callable `model(z, logsnr, cond=None, cond_mask=None, **kw) -> prediction`, logsnr a (B,) tensor,
     cond_mask a (B,) bool tensor, True where the sample uses its cond (False: the unconditional branch / dropped
-    conditioning; None: every sample conditional). prediction: "eps", "v" or "x", what the model outputs.
+    conditioning; None: every sample conditional). prediction: "eps", "v" or "x", what the model outputs; the
+    default "v" is the paper's choice for its video models and the trainer's (vdm-fast train --prediction).
     cond_drop_prob: default probability of dropping a sample's cond in `loss` (classifier-free guidance training).
     """
 
-    def __init__(self, model: Callable, *, prediction: str = "eps", logsnr_min: float = -20.0,
+    def __init__(self, model: Callable, *, prediction: str = "v", logsnr_min: float = -20.0,
                  logsnr_max: float = 20.0, cond_drop_prob: float = 0.0):
         super().__init__()
         if not callable(model):
@@ -80,30 +86,43 @@ class GaussianDiffusion(torch.nn.Module):
     def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None, *, cond_drop_prob: float | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None, **model_kw) -> torch.Tensor:
-        """Mean squared error in the prediction's own space, t ~ U[0, 1] per sample; x in [-1, 1].
+        """Mean squared error in the prediction's own space, t ~ U[0, 1] per sample; x scaled to [-1, 1] (values
+        beyond +-8, such as pixel values in [0, 255], are refused; so are NaN and Inf).
 
         cond_drop_prob (default: the constructor's) drops each sample's cond independently: the model gets
         cond_mask (B,) bool, False for dropped samples (combined with a cond_mask passed here). t (B,) and noise
         (x's shape) may be given to fix the draw; otherwise both come from `generator`. Other keywords
         (num_video_frames, positions, ...) pass through to the model.
         """
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
+        _checks.tensor(x, "x", floating=True)
         if x.dim() < 2:
             raise ValueError(f"x must have a batch dim and data dims, got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"x must not be empty (a loss over no element is undefined), got shape {tuple(x.shape)}")
+        # One min/max reduction (one host sync): pixel-range data ([0, 255]) trains a model that samples nonsense,
+        # silently. Data of unit scale pass, also beyond [-1, 1] (Gaussian data in the oracle tests).
+        _checks.finite(x, "x (the data, scaled to [-1, 1])", lo=-X_MAX_ABS, hi=X_MAX_ABS)
         B = x.shape[0]
         p = self.cond_drop_prob if cond_drop_prob is None else _check_prob(cond_drop_prob, "cond_drop_prob")
         if t is None:
             t = torch.rand(B, device=x.device, generator=generator, dtype=torch.float64)
-        elif not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
-            raise ValueError(f"t must be a ({B},) tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        else:
+            _checks.tensor(t, "t", floating=True)
+            _checks.shape(t, "t", (B,), "one time per sample")
+            _checks.finite(t, "t", lo=0.0, hi=1.0)
         if noise is None:
             noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
-        elif not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
-            raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {getattr(noise, 'shape', None)}")
+        else:
+            _checks.tensor(noise, "noise", floating=True)
+            _checks.shape(noise, "noise", tuple(x.shape), "x's shape")
+            noise = noise.to(x.device)
         cond_mask = model_kw.pop("cond_mask", None)
+        if cond_mask is not None:
+            _checks.tensor(cond_mask, "cond_mask", dtypes=(torch.bool,))
+            _checks.shape(cond_mask, "cond_mask", (B,), "one flag per sample")
         if cond is not None:
             _check_batch(cond, "cond", B)
+            _checks.finite(cond, "cond")
             if p > 0:
                 keep = torch.rand(B, device=x.device, generator=generator) >= p
                 cond_mask = keep if cond_mask is None else cond_mask & keep

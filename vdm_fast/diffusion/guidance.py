@@ -13,6 +13,7 @@ call and the returned video holds x^a at those frames.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from vdm_fast import _checks
 from vdm_fast.diffusion.parameterization import x_from_prediction
 
 CONDITIONINGS = ("reconstruction", "replacement")
+# extend()'s longest video: about 2^17 sampling windows at the default window; beyond is a typo, not a video.
+MAX_EXTEND_FRAMES = 1 << 20
 
 
 @dataclass
@@ -64,6 +67,7 @@ def make_frames(x_a, a_mask, shape: tuple[int, ...], conditioning: str, device: 
     if x_a.dim() != 5 or tuple(x_a.shape[:2]) != (B, C) or tuple(x_a.shape[3:]) != (H, W) or x_a.shape[2] not in (A, T):
         raise ValueError(f"x_a must have shape ({B}, {C}, {A}, {H}, {W}) (the {A} marked frames in order) or "
                          f"({B}, {C}, {T}, {H}, {W}) (a full video), got {tuple(x_a.shape)}")
+    _checks.finite(x_a, "x_a")
     idx = mask_cpu.nonzero().flatten().to(device)
     x_a = x_a.to(device=device, dtype=torch.float32)
     given = x_a if x_a.shape[2] == A else x_a.index_select(2, idx)
@@ -85,6 +89,7 @@ def check_lowres(x_lowres, shape: tuple[int, ...], device: torch.device) -> torc
             or not 1 <= x_lowres.shape[4] <= W):
         raise ValueError(f"x_lowres must have shape ({B}, {C}, {T}, h, w) with h <= {H}, w <= {W}, "
                          f"got {tuple(x_lowres.shape)}")
+    _checks.finite(x_lowres, "x_lowres")
     return x_lowres.to(device=device, dtype=torch.float32)
 
 
@@ -178,6 +183,26 @@ def sampling_device(device, model, *tensors) -> torch.device:
     return dev
 
 
+def _check_extend_memory(video: torch.Tensor, num_frames: int) -> None:
+    """Refuse up front an extension whose result cannot fit: it is built as fp32 (B, C, num_frames, H, W) on the
+    video's device, plus a copy while frames are appended."""
+    B, C, _, H, W = video.shape
+    need = 2 * 4 * B * C * num_frames * H * W
+    if video.device.type == "cuda":
+        have = torch.cuda.mem_get_info(video.device)[1]
+        where = f"{video.device}'s memory"
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no bound to check against
+            return
+        where = "the machine's memory"
+    if need > have:
+        raise ValueError(f"num_frames={num_frames}: the extended video needs about {need / 2**30:.1f} GiB "
+                         f"(fp32 {B}x{C}x{num_frames}x{H}x{W}, twice while frames are appended), more than "
+                         f"{where} ({have / 2**30:.1f} GiB)")
+
+
 def extend(diffusion, video: torch.Tensor, num_frames: int, *, window: int = 16, overlap: int | None = None,
            **sample_kw) -> torch.Tensor:
     """See GaussianDiffusion.extend."""
@@ -191,6 +216,12 @@ def extend(diffusion, video: torch.Tensor, num_frames: int, *, window: int = 16,
     B, C, T0, H, W = video.shape
     if num_frames <= T0:
         raise ValueError(f"num_frames must exceed the video's {T0} frames, got {num_frames}")
+    if num_frames > MAX_EXTEND_FRAMES:
+        raise ValueError(f"num_frames must be <= {MAX_EXTEND_FRAMES}, got {num_frames}")
+    if video.numel() == 0:
+        raise ValueError(f"video must not be empty, got shape {tuple(video.shape)}")
+    _check_extend_memory(video, num_frames)
+    _checks.finite(video, "video")
     for k in ("x_a", "a_mask", "positions", "x_lowres"):
         if k in sample_kw:
             raise TypeError(f"extend sets {k} itself: do not pass it")

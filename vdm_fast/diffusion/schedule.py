@@ -11,6 +11,10 @@ import math
 
 import torch
 
+# The widest log-SNR range the samplers take: at |lambda| = 30, alpha or sigma is e^-15 = 3e-7, and z's fp32 rounding
+# (6e-8 relative) divided by it is ~0.2 of the data scale; at 100 it is 1e14 (the garbage such a range gave).
+MAX_ABS_LOGSNR = 30.0
+
 
 class CosineSchedule:
     """lambda(t) = -2 log tan(a t + b) on t in [0, 1], from logsnr_max at t = 0 down to logsnr_min at t = 1."""
@@ -19,6 +23,9 @@ class CosineSchedule:
         for name, v in (("logsnr_min", logsnr_min), ("logsnr_max", logsnr_max)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise TypeError(f"{name} must be a finite float, got {v!r}")
+            if abs(v) > MAX_ABS_LOGSNR:
+                raise ValueError(f"{name} must be in [-{MAX_ABS_LOGSNR:g}, {MAX_ABS_LOGSNR:g}] (beyond, fp32 "
+                                 f"rounding of z divided by alpha or sigma exceeds the data's scale), got {v}")
         if not logsnr_min < logsnr_max:
             raise ValueError(f"logsnr_min must be < logsnr_max, got logsnr_min={logsnr_min}, logsnr_max={logsnr_max}")
         self.logsnr_min = float(logsnr_min)
