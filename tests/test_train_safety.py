@@ -91,7 +91,7 @@ def test_max_nonfinite_steps_option(tmp_path, monkeypatch):
         train(TrainConfig(out=str(tmp_path / "m"), steps=3, max_nonfinite_steps=1, **TINY))
 
 
-# ------------------------------------------------------------------------------------- the run folder belongs to one run
+# --------------------------------------------------------------------------------- the run folder belongs to one run
 def test_second_trainer_on_a_locked_folder_exits_2(tmp_path, capsys):
     out = tmp_path / "locked"
     with run_dir.RunLock(out):
