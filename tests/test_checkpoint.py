@@ -574,6 +574,29 @@ def test_kill_at_every_stage_of_a_prune(tmp_path, monkeypatch):
     assert _kill_at_every_stage(tmp_path, monkeypatch, setup, action, check) >= 6
 
 
+def test_a_save_sweeps_only_dead_writers_leftovers(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    _save(tmp_path, 1, model, opt)
+    c = tmp_path / "checkpoints"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(dead.stdout)
+    live = [c / ".tmp-step_00000009-1-abcdefgh", c / ".trash-step_00000008-1-0a1b2c3d",
+            c / ".tmp-old-step_00000001-1-zzzzzzzz"]  # pid 1 always runs: another writer's save in progress
+    gone = [c / f".tmp-step_00000009-{dead_pid}-abcdefgh", c / f".trash-step_00000007-{dead_pid}-0a1b2c3d",
+            c / ".tmp-step_00000006-legacy"]
+    for d in live + gone:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    pointer_tmp = c / ".latest.tmp-abcdefgh"  # no pid: left to the locked start
+    pointer_tmp.write_text("step_00000009\n")
+    _save(tmp_path, 2, model, opt)
+    assert all(d.exists() for d in live) and not any(d.exists() for d in gone) and pointer_tmp.exists()
+    assert ckpt.load(tmp_path).step == 2
+    assert sorted(run_dir.clean_leftovers(tmp_path)) == sorted(map(str, live + [pointer_tmp]))
+    assert _hidden(tmp_path) == []
+
+
 def test_prune_protects_and_validates(tmp_path):
     model, opt = _model_and_optimizer(0)
     for s in (1, 2, 3, 4):

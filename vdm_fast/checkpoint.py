@@ -20,7 +20,8 @@ Invariants:
   point leaves `latest` naming a complete checkpoint. Saving a step that exists (a resumed run) swaps the folders in
   one atomic exchange (`_fsutil.exchange`) where the OS has it, else in two renames. What a kill leaves behind is
   removed (or, for a killed two-rename swap, the old folder restored) by `clean_checkpoint_dir`, which
-  `run_dir.clean_leftovers` calls at the start of a run.
+  `run_dir.clean_leftovers` calls at the start of a run; temp folders carry their maker's pid, and each save also
+  sweeps those of processes no longer running (never a live writer's save in progress).
 - Nothing is trusted on load. `latest` must hold one step folder name (``step_<digits>``: no separator, no "..", no
   absolute path) of a real directory (not a symlink) inside this `checkpoints/`; anything else is an error naming
   the file, and no other checkpoint is silently taken instead (no `latest` at all: the newest step folder). Every
@@ -330,9 +331,9 @@ def save(run_dir, step: int, *, config: dict, model: dict[str, torch.Tensor], em
 
     ckpt_dir = _ckpt_dir(run_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    clean_checkpoint_dir(ckpt_dir)  # leftovers of a save that was killed
+    clean_checkpoint_dir(ckpt_dir, only_dead=True)  # leftovers of a save that was killed
     name = f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=ckpt_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-{os.getpid()}-", dir=ckpt_dir))
     final = ckpt_dir / name
     try:
         for fname, content in files.items():
@@ -350,7 +351,7 @@ def save(run_dir, step: int, *, config: dict, model: dict[str, torch.Tensor], em
             if exchange(tmp, final):
                 shutil.rmtree(tmp, ignore_errors=True)  # now the old copy, already out of sight
             else:  # two renames: a kill between them leaves the old copy aside; clean_checkpoint_dir puts it back
-                old = Path(tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{name}-", dir=ckpt_dir))
+                old = Path(tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{name}-{os.getpid()}-", dir=ckpt_dir))
                 os.replace(final, old / name)
                 os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
@@ -652,7 +653,7 @@ def prune(run, keep: int, protect: Path | int | Iterable | None = None) -> list[
     for _, p in step_dirs(ckpt_dir)[:-keep]:
         if p.resolve() in keep_set:
             continue
-        tomb = ckpt_dir / f"{TRASH_PREFIX}{p.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        tomb = ckpt_dir / f"{TRASH_PREFIX}{p.name}-{os.getpid()}-{secrets.token_hex(4)}"  # the pid: see _owner_alive
         os.replace(p, tomb)
         fsync_dir(ckpt_dir)
         shutil.rmtree(tomb, ignore_errors=True)
@@ -660,23 +661,49 @@ def prune(run, keep: int, protect: Path | int | Iterable | None = None) -> list[
     return removed
 
 
-def clean_checkpoint_dir(ckpt_dir) -> list[str]:
+_TEMP_OWNER = re.compile(r"^\.(?:tmp-old-|tmp-|trash-)step_[0-9]+-([0-9]+)-[a-z0-9_]+\Z")
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process that made temp entry `name` (its pid is in the name) may still be writing it."""
+    m = _TEMP_OWNER.match(name)
+    if not m:
+        return False  # a name without a pid: written by code before pids were recorded
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return False  # this process is not inside a save while it sweeps
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def clean_checkpoint_dir(ckpt_dir, *, only_dead: bool = False) -> list[str]:
     """Remove what a killed save or prune leaves in `ckpt_dir` (temp step folders, tombstones, temp pointer files),
-    and put back a step folder that a killed re-save of the same step had moved aside. Only for a run no other
-    process is writing (hold its `run_dir.RunLock`). Returns the paths removed or restored."""
+    and put back a step folder that a killed re-save of the same step had moved aside. Returns the paths removed or
+    restored. For a run no other process is writing (hold its `run_dir.RunLock`); `only_dead=True` (what every
+    save does) touches only temp folders whose maker's pid, recorded in the name, is no longer running, so even two
+    unlocked writers never delete each other's save in progress."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     done = []
     for p in sorted(ckpt_dir.iterdir()):
         name = p.name
+        ours = name.startswith((TMP_PREFIX, TRASH_PREFIX))
+        if ours and only_dead and _owner_alive(name):
+            continue
         if name.startswith(OLD_PREFIX) and p.is_dir() and not p.is_symlink():
             for inner in p.iterdir():  # the old copy of a step whose new copy may not be in place yet
                 if STEP_DIR.match(inner.name) and not (ckpt_dir / inner.name).exists():
                     os.replace(inner, ckpt_dir / inner.name)
                     done.append(f"{ckpt_dir / inner.name} (restored)")
-        if name.startswith((TMP_PREFIX, TRASH_PREFIX)) or (name.startswith(f".{LATEST}.") and name.endswith(".tmp")) \
-                or is_atomic_temp(name):
+        # Temp pointers carry no pid: only a sweep under the run's lock removes them.
+        pointer = (name.startswith(f".{LATEST}.") and name.endswith(".tmp")) or is_atomic_temp(name)
+        if ours or (pointer and not only_dead):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
