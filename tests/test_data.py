@@ -231,3 +231,50 @@ def test_mp4_without_ffmpeg_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
     with pytest.raises(ImportError, match=r"vdm_fast\[video\]"):
         video_io.write_video(tmp_path / "x.mp4", torch.zeros(3, 2, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------------- bad data
+class _Flaky(torch.utils.data.Dataset):
+    """Videos whose odd indices fail to read, as a corrupt file would."""
+
+    channels, frames, size, num_classes = 1, 2, (4, 4), 0
+
+    def __init__(self, bad=(1, 3)):
+        from vdm_fast.data import BadDataError
+
+        self.bad, self.error = set(bad), BadDataError
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        if i % 10 in self.bad:
+            raise self.error(f"cannot read video 'v{i % 10}.mp4': broken", f"v{i % 10}.mp4")
+        return {"video": torch.full((1, 2, 4, 4), float(i)), "label": 0}
+
+    def image(self, i, rng):
+        return self[i]["video"][:, 0]
+
+
+def test_training_items_replace_a_bad_clip_by_the_next_readable_one():
+    items = TrainingItems(_Flaky(), seed=1, skip_bad=2)
+    a = items[1]
+    assert float(a["video"][0, 0, 0, 0]) == 2.0 and a["bad"] == "v1.mp4\tcannot read video 'v1.mp4': broken"
+    assert torch.equal(a["noise"], TrainingItems(_Flaky(bad=()), seed=1)[1]["noise"])  # its own noise draw
+    assert items[2]["bad"] == "" and float(items[2]["video"][0, 0, 0, 0]) == 2.0
+    assert float(TrainingItems(_Flaky(bad=(1, 2)), skip_bad=2)[1]["video"][0, 0, 0, 0]) == 3.0  # two in a row
+    # No budget: a placeholder of the clip's shape that carries the error (the trainer stops on it, naming the file).
+    none = TrainingItems(_Flaky(), image_frames=1)[3]
+    assert none["video"].shape == (1, 3, 4, 4) and not none["video"].any() and none["bad"].startswith("v3.mp4\t")
+    # A bad image of joint training is replaced the same way.
+    joint = TrainingItems(_Flaky(bad=()), image_frames=2, images=_Flaky(bad=range(10)), skip_bad=1)[0]
+    assert joint["bad"].count("\n") == 1 and not joint["video"][:, 2:].any()
+    with pytest.raises(ValueError, match="skip_bad"):
+        TrainingItems(_Flaky(), skip_bad=-1)
+
+
+def test_data_names_are_checked_with_a_hint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="did you mean 'bouncing'"):
+        make_dataset("Bouncing", size=8, frames=2)
+    with pytest.raises(FileNotFoundError, match="image-data"):
+        make_image_source(str(tmp_path / "none"), make_dataset("bouncing", size=8, frames=2), 8)
