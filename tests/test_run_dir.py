@@ -162,6 +162,14 @@ def test_run_lock_in_one_process(tmp_path, capsys):
         assert "unknown process" in capsys.readouterr().err
     with pytest.raises(TypeError, match="run_path"):
         run_dir.RunLock(None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        run_dir.RunLock(tmp_path / "file").acquire()
+    (tmp_path / "sym").mkdir()
+    os.symlink(tmp_path / "file", tmp_path / "sym" / ".lock")
+    with pytest.raises(OSError, match="run lock"):
+        run_dir.RunLock(tmp_path / "sym").acquire()
+    assert (tmp_path / "file").read_text() == "x"
 
 
 # -------------------------------------------------------------------------------------------------------------- log

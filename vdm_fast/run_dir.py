@@ -96,8 +96,14 @@ class RunLock:
     def acquire(self) -> RunLock:
         if self._fd is not None:
             raise RuntimeError(f"{str(self.path)!r} is already held by this RunLock")
+        if self.run_path.exists() and not self.run_path.is_dir():
+            raise ValueError(f"run folder {str(self.run_path)!r} is a file, not a folder")
         self.run_path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:  # O_NOFOLLOW: a `.lock` symlinked elsewhere would lock (and rewrite) some other file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
+                         0o644)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot open the run lock {str(self.path)!r}: {e.strerror}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
