@@ -12,13 +12,17 @@ Invariants:
   cannot be taken is live: `RunFolderLocked` names the folder and the holder's pid. The file is never deleted
   (deleting a lock file lets two processes lock two different inodes); releasing empties the record.
   A process forked while holding it (e.g. DataLoader workers) shares the lock until it exits.
-- The log is append-only, one ``write`` per line: a kill or a full disk can only leave the LAST line torn (cut
-  short or never terminated). `read_log` drops such a line with a warning; a bad line anywhere else is corruption,
-  an error naming the file and line. `LogWriter` drops a torn last line before appending after it.
+  POSIX only (fcntl).
+- The log is append-only (O_APPEND), each line one ``write`` finished or raised: a kill or a full disk can only
+  leave the LAST line torn (cut short, or NUL bytes after a power loss). `read_log` drops such a line with a
+  warning (a last line that parses but lost only its newline is a row); a bad line anywhere else is corruption, an
+  error naming the file and line. `LogWriter` drops a torn last line before appending, and follows the file when
+  `truncate_log` replaces it (atomically) under an open writer.
 - `clean_leftovers` removes every temp file or folder a kill can leave: ``.tmp-step_*`` and ``.tmp-old-*`` step
   folders (restoring a step folder a killed re-save had moved aside), ``.trash-step_*`` pruning tombstones,
-  ``.latest.*.tmp`` pointers and `_fsutil.atomic_path` temp files anywhere in the run folder. It refuses to run
-  while another process holds the run's lock (that process's temp files are work in progress).
+  ``.latest.*.tmp`` pointers, `_fsutil.atomic_path` temp files anywhere in the run folder (symlinks not followed),
+  and the temp names of the writers before `_fsutil`. It refuses to run while another process holds the run's
+  lock (that process's temp files are work in progress).
 """
 
 from __future__ import annotations
