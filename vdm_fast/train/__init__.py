@@ -3,6 +3,17 @@
     from vdm_fast.train import TrainConfig, train
     result = train(TrainConfig(preset="tiny", data="bouncing", steps=1000, out="runs/demo"))
 
+Which options for which model (memory per GPU, P parameters, fp32 master weights):
+
+- weights 4P bytes, gradients 4P, AdamW's two moments 8P, the EMA copy 4P: 20P before activations, e.g. 23 GB for
+  the 1.17 B `ucf101`/`kinetics` presets, 2.7 GB for the 137 M `bair` one, 16 MB for `tiny`;
+- activations grow with the batch and the clip (16x64x64, 9x128x128): `--grad-accum K` keeps the update of the whole
+  batch with 1/K of the activations per micro-step; `--gradient-checkpointing` keeps only each block's input and
+  recomputes the rest in backward (same gradients bitwise, one more forward per block); use both for the 1 B presets;
+- `--precision auto` is bf16 autocast on GPUs (fp32 weights and optimizer); `--precision fp16` (a GradScaler skips
+  the steps whose gradients overflow and backs its scale off) for GPUs without bf16; `--compile` compiles the model
+  with Inductor (the first steps are slow); `torchrun --nproc_per_node=N` splits --batch-size over N GPUs (DDP).
+
 The parts: config (TrainConfig, its checks and the resume policy), trainer (Trainer, train), step (one optimizer
 step: accumulation, precision, the non-finite guard), ema (EMA, for any training loop), resume (the run folder and
 checkpoints), distributed (process group, devices, timeouts), interrupts (SIGINT/SIGTERM), logs (log, loss curve,
