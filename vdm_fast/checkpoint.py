@@ -52,9 +52,11 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from vdm_fast._fsutil import atomic_write_text, exchange, fsync_dir, is_atomic_temp
@@ -147,8 +149,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save  # safetensors: a dependency only checkpoints need
-
     # safetensors refuses tensors that share storage (tied weights, views): clone exactly those, not every tensor
     # (a clone of each costs as much as the serialisation itself).
     out, seen = {}, set()
@@ -159,14 +159,12 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
         out[k] = v
-    _write_bytes(path, save(out))
+    _write_bytes(path, safetensors.torch.save(out))
 
 
 def _load_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file  # see _save_tensors
-
     try:
-        return load_file(str(path), device=str(device))
+        return safetensors.torch.load_file(str(path), device=str(device))
     except Exception as e:  # safetensors' own errors name no file
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from e
 
@@ -197,8 +195,6 @@ def _sha256_all(paths: list[Path]) -> list[str]:
     0.5-2 GB/s, and a big model's checkpoint holds several large files."""
     if len(paths) < 2:
         return [_sha256(p) for p in paths]
-    from concurrent.futures import ThreadPoolExecutor  # only here; the pool lives for one call
-
     with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
         return list(pool.map(_sha256, paths))
 
