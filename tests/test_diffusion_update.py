@@ -224,3 +224,61 @@ def test_listed_by_info():
     assert "diffusion_update" in info.op_specs()
     line = [ln for ln in info.report().splitlines() if ln.startswith("diffusion_update")]
     assert len(line) == 1 and "reference" in line[0]
+
+
+# ---- the shared op contract (tests/op_contract.py), on a functional view of the in-place op -----------------------
+from op_contract import OpContract  # noqa: E402  (tests/ is on the path; after the op's own tests)
+
+
+def _functional(impl):
+    """The op as a function: copies of the buffers it updates are updated in place and returned (z, e, history)."""
+
+    def run(z, pred, coef, e_out, pred_uncond, noise, history, guidance_weight, prediction, clip):
+        z, e_out, history = z.clone(), e_out.clone(), history.clone()
+        impl(z, pred, coef, e_out, pred_uncond=pred_uncond, noise=noise, history=history,
+             guidance_weight=guidance_weight, prediction=prediction, clip=clip)
+        return z, e_out, history
+
+    return run
+
+
+class TestDiffusionUpdateContract(OpContract):
+    differentiable = ()  # no autograd by design (see the module docstring); refused inputs are tested above
+    dtypes = (torch.float32,)  # z's dtype on the fast path (model outputs of every dtype: the tests above)
+    cases = [("3m-cfg-noise", dict(shape=(3, 5, 7), kind="dpmpp_3m", hist=2, cfg=True, noise=True, pred="v")),
+             ("2m-odd", dict(shape=(1037,), kind="dpmpp_2m", hist=1, cfg=False, noise=False, pred="eps")),
+             ("sde-x", dict(shape=(2, 3, 2, 5, 5), kind="dpmpp_2m_sde", hist=1, cfg=True, noise=True, pred="x"))]
+    bad_inputs = [(dict(prediction="score"), ValueError, "prediction"), (dict(guidance_weight=float("inf")),
+                                                                         ValueError, "guidance_weight"),
+                  (dict(coef=lambda x: x["coef"][:5]), ValueError, "coef"),
+                  (dict(history=lambda x: x["history"][:, :1]), ValueError, "history"),
+                  (dict(noise=lambda x: x["noise"].double()), TypeError, "noise")]
+
+    def make_inputs(self, params, dtype, device):
+        p = params
+        x = _inputs(p["shape"], cfg=p["cfg"], noise=p["noise"], hist=p["hist"], device=device)
+        x = {k: (v.to(dtype) if v is not None else None) for k, v in x.items()}
+        x["e_out"] = torch.zeros_like(x["z"])
+        return dict(x, coef=_row(p["kind"], 6).to(device, dtype), guidance_weight=0.7, prediction=p["pred"],
+                    clip=True)
+
+    def reference(self, **inputs):
+        from vdm_fast.reference.diffusion_update import diffusion_update as ref
+
+        return _functional(ref)(**inputs)
+
+    def fast(self, **inputs):
+        return _functional(vdm_fast.ops.diffusion_update)(**inputs)
+
+    def opcheck_calls(self, inputs):
+        x = inputs
+        return [(_diffusion_update_op, (x["z"].clone(), x["pred"], x["pred_uncond"], x["coef"], x["noise"],
+                                        x["history"].clone(), x["e_out"].clone(), 0.7, x["prediction"], False,
+                                        True, "triton"))]
+
+    def test_backward_is_bitwise_deterministic(self):
+        """No backward here: the forward is bitwise deterministic run to run instead."""
+        inputs = self.make_inputs(self.cases[0][1], torch.float32, DEVICE)
+        with self._fast_ctx():
+            runs = [self.fast(**inputs) for _ in range(3)]
+        assert all(torch.equal(a, b) for r in runs[1:] for a, b in zip(r, runs[0]))
