@@ -355,7 +355,10 @@ def test_hostile_latest_is_refused_with_no_substitution(tmp_path):
     latest = run / "checkpoints" / "latest"
     for content in _hostile_pointers(tmp_path):
         latest.write_bytes(content)
-        for call in (ckpt.find, ckpt.load, lambda r: ckpt.find_resume(r, last_good=True), ckpt.find_resume):
+        calls = [ckpt.find, ckpt.load, ckpt.find_resume]
+        if content != b"step_00000009\n":  # dangling but well-formed: last_good walks back from it (below)
+            calls.append(lambda r: ckpt.find_resume(r, last_good=True))
+        for call in calls:
             with pytest.raises(ckpt.CheckpointError, match="latest") as e:
                 call(run)
             assert "\n" not in str(e.value) and len(str(e.value)) < 400 and "codec" not in str(e.value)
@@ -399,6 +402,19 @@ def test_find_errors(tmp_path):
         (p / "model.safetensors").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="no intact checkpoint.*step_00000002.*step_00000001"):
         ckpt.find_resume(tmp_path, last_good=True)
+
+
+def test_last_good_walks_back_from_a_dangling_latest(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    for s in (1, 2, 5):
+        _save(tmp_path, s, model, opt, keep=0)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000005")  # latest names it
+    (tmp_path / "checkpoints" / "step_00000002" / "ema.safetensors").unlink()
+    with pytest.raises(ckpt.DanglingLatest, match="step_00000005.*does not exist"):
+        ckpt.find_resume(tmp_path)
+    said = []
+    assert ckpt.find_resume(tmp_path, last_good=True, log=said.append).name == "step_00000001"
+    assert "step_00000005 (does not exist)" in said[0] and "ema.safetensors" in said[0]
 
 
 def test_last_good_never_goes_past_latest(tmp_path):

@@ -79,6 +79,14 @@ class CheckpointError(ValueError):
     """A checkpoint (or the `latest` pointer) that cannot be trusted; the message names the file."""
 
 
+class DanglingLatest(CheckpointError):
+    """`latest` holds a well-formed step folder name, but that folder is gone (`target`)."""
+
+    def __init__(self, target: Path, msg: str):
+        super().__init__(msg)
+        self.target = target
+
+
 class NonFiniteCheckpoint(CheckpointError):
     """NaN or Inf in what a checkpoint would hold (on save) or holds (on load)."""
 
@@ -399,8 +407,8 @@ def read_latest(ckpt_dir) -> Path | None:
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise CheckpointError(f"{str(latest)!r} names {text!r}, which is not a real directory in {str(ckpt_dir)!r}")
     if not target.exists():
-        raise CheckpointError(f"{str(latest)!r} names {text!r}, which does not exist in {str(ckpt_dir)!r} (deleted, "
-                              f"or a save was killed: clean_leftovers restores it); {fix}")
+        raise DanglingLatest(target, f"{str(latest)!r} names {text!r}, which does not exist in {str(ckpt_dir)!r} "
+                             f"(deleted, or a save was killed: clean_leftovers restores it); {fix}")
     return target
 
 
@@ -440,13 +448,19 @@ def say(msg: str) -> None:
 def find_resume(run, last_good: bool = False, *, log=say) -> Path:
     """The checkpoint to resume `run` from: the one `latest` names (else the newest). With last_good=True, the newest
     intact one at or before it (`verify`), saying which it took and why newer ones were skipped. FileNotFoundError if
-    there is none (or none intact); CheckpointError for an untrustworthy `latest`, whatever last_good says."""
-    chosen = find(run)
+    there is none (or none intact). CheckpointError for a `latest` that is not a step folder name, whatever
+    last_good says; one naming a folder that is gone is an error too unless last_good (then the walk starts there)."""
+    try:
+        chosen = find(run)
+    except DanglingLatest as e:
+        if not last_good:
+            raise
+        chosen = e.target
+    ckpt_dir = chosen.parent
     if not last_good:
         return chosen
-    ckpt_dir = chosen.parent
-    candidates = [p for s, p in reversed(step_dirs(ckpt_dir)) if s <= _step_of(chosen)] or [chosen]
-    skipped = []
+    candidates = [p for s, p in reversed(step_dirs(ckpt_dir)) if s <= _step_of(chosen)]
+    skipped = [] if chosen.exists() else [f"{chosen.name} (does not exist)"]
     for p in candidates:
         try:
             verify(p)
