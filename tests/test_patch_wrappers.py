@@ -205,3 +205,34 @@ def test_svd_temporal_self_attention(diffusers):
     inputs = dict(hidden_states=torch.randn(2 * frames, 32, 3, 2), encoder_hidden_states=torch.randn(2 * frames, 1, 6),
                   image_only_indicator=torch.zeros(2, frames, dtype=torch.bool))
     _compare(model, twin, inputs)
+
+
+@pytest.mark.parametrize("which", ["hunyuan", "cogvideox"])
+def test_video_vae_resnet_blocks_5d(diffusers, which):
+    """The 5-D video VAEs' resnet blocks (GroupNorm over the whole clip -> SiLU): HunyuanVideo's and CogVideoX's
+    encoder blocks (its decoder's spatial norms are left alone)."""
+    if which == "hunyuan":
+        from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import HunyuanVideoResnetBlockCausal3D
+
+        block = _randomize(HunyuanVideoResnetBlockCausal3D(in_channels=32, out_channels=32, groups=16))
+        inputs = dict(hidden_states=torch.randn(1, 32, 3, 4, 5))
+    else:
+        from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXResnetBlock3D
+
+        block = _FirstOutput(_randomize(CogVideoXResnetBlock3D(in_channels=32, out_channels=32, temb_channels=0,
+                                                               groups=16)))
+        inputs = dict(inputs=torch.randn(1, 32, 3, 4, 5))
+    twin, report = _patched_copy(block)
+    assert report.counts == {"group_norm_silu": 2}, str(report)
+    _compare(block, twin, inputs)
+
+
+class _FirstOutput(nn.Module):
+    """CogVideoX's blocks return (hidden_states, conv_cache): the tensor, for the output/gradient comparison."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)[0]

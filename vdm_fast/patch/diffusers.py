@@ -73,6 +73,8 @@ def _classes() -> dict | None:
         ("diffusers.models.unets.unet_spatio_temporal_condition", ("UNetSpatioTemporalConditionModel",)),
         ("diffusers.models.autoencoders.autoencoder_kl_temporal_decoder", ("TemporalDecoder",)),
         ("diffusers.models.unets.unet_i2vgen_xl", ("I2VGenXLUNet", "I2VGenXLTransformerTemporalEncoder")),
+        ("diffusers.models.autoencoders.autoencoder_kl_hunyuan_video", ("HunyuanVideoResnetBlockCausal3D",)),
+        ("diffusers.models.autoencoders.autoencoder_kl_cogvideox", ("CogVideoXResnetBlock3D",)),
         ("diffusers.models.attention_processor", ("Attention", "AttnProcessor2_0", "AttnProcessor")),
         ("diffusers.models.unets.unet_3d_condition", ("UNet3DConditionModel",)),
         ("diffusers.models.unets.unet_motion_model", ("UNetMotionModel", "AnimateDiffTransformer3D")),
@@ -171,10 +173,54 @@ def _temporal_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tenso
     return input_tensor + hidden_states
 
 
+def _hunyuan_resnet_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """diffusers' HunyuanVideoResnetBlockCausal3D.forward (0.42.1; HunyuanVideo's VAE) with both GroupNorm -> SiLU
+    pairs fused (5-D, statistics over the whole clip)."""
+    if hidden_states.dim() not in group_norm.FUSED_DIMS or not _common.bypassable(self.norm1, self.norm2,
+                                                                                    self.nonlinearity):
+        return _common.original_forward(self)(hidden_states)
+    hidden_states = hidden_states.contiguous()
+    residual = hidden_states
+    hidden_states = self.conv1(group_norm.fused_group_norm_silu(self.norm1, hidden_states))
+    hidden_states = group_norm.fused_group_norm_silu(self.norm2, hidden_states)
+    hidden_states = self.conv2(self.dropout(hidden_states))
+    if self.conv_shortcut is not None:
+        residual = self.conv_shortcut(residual)
+    return hidden_states + residual
+
+
+def _cogvideox_resnet_forward(self, inputs: torch.Tensor, temb: torch.Tensor | None = None,
+                              zq: torch.Tensor | None = None, conv_cache: dict | None = None):
+    """diffusers' CogVideoXResnetBlock3D.forward (0.42.1; CogVideoX's VAE encoder, whose norms are nn.GroupNorm)
+    with both GroupNorm -> SiLU pairs fused (5-D, whole clip). With zq (the decoder's spatial norms) it is diffusers'
+    own forward."""
+    if zq is not None or inputs.dim() not in group_norm.FUSED_DIMS or not _common.bypassable(
+            self.norm1, self.norm2, self.nonlinearity):
+        return _common.original_forward(self)(inputs, temb, zq, conv_cache)
+    new_conv_cache = {}
+    conv_cache = conv_cache or {}
+    hidden_states = group_norm.fused_group_norm_silu(self.norm1, inputs)
+    hidden_states, new_conv_cache["conv1"] = self.conv1(hidden_states, conv_cache=conv_cache.get("conv1"))
+    if temb is not None:
+        hidden_states = hidden_states + self.temb_proj(self.nonlinearity(temb))[:, :, None, None, None]
+    hidden_states = group_norm.fused_group_norm_silu(self.norm2, hidden_states)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states, new_conv_cache["conv2"] = self.conv2(hidden_states, conv_cache=conv_cache.get("conv2"))
+    if self.in_channels != self.out_channels:
+        if self.use_conv_shortcut:
+            inputs, new_conv_cache["conv_shortcut"] = self.conv_shortcut(inputs, conv_cache=conv_cache.get(
+                "conv_shortcut"))
+        else:
+            inputs = self.conv_shortcut(inputs)
+    return hidden_states + inputs, new_conv_cache
+
+
 # class name -> (its patched forward, the forward sources it was proven against)
 RESNETS = {
     "ResnetBlock2D": (_resnet_forward, RESNET_FORWARD),
     "TemporalResnetBlock": (_temporal_resnet_forward, TEMPORAL_RESNET_FORWARD),
+    "HunyuanVideoResnetBlockCausal3D": (_hunyuan_resnet_forward, {"2cc04887df57f4a2": "diffusers 0.42.1"}),
+    "CogVideoXResnetBlock3D": (_cogvideox_resnet_forward, {"53780a286bfd488b": "diffusers 0.42.1"}),
 }
 
 
@@ -343,7 +389,7 @@ def _patch_attention(model, classes, report: PatchReport) -> None:
             report.already_patched += 1
             continue
         if id(attn) not in temporal:
-            report.skip("Attention", path, "not inside TransformerTemporalModel / AnimateDiffTransformer3D (spatial or "
+            report.skip("Attention", path, f"not inside {' / '.join(TEMPORAL_CONTAINERS)} (spatial or "
                                            "cross-attention, or a container this adapter does not know)")
             continue
         reason, sdpa = _why_not_processor(attn, classes)
