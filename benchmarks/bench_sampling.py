@@ -1,7 +1,7 @@
 """Sampling loop: time per step against the bare model forward (the loop's own overhead), and the CUDA-graph loop
 against the eager loop.
 
-Rows (per model, batch 1):
+Rows (per model, batch 1, for the paper's ancestral sampler and the fast default dpmpp_2m):
 - "sample step, eager loop": ms per step of GaussianDiffusion.sample(cuda_graph=False); baseline = one bare model
   forward (eager). On CPU this is the only row that runs.
 - "sample step, cuda graph": ms per step of sample() with the default CUDA-graph loop (warm-up, capture and the
@@ -78,6 +78,10 @@ def run(quick: bool = False) -> list[dict]:
         torch.set_num_threads(threads)
 
 
+# The paper's sampler and the fast default (its multistep history adds two buffers to the fused update).
+SAMPLERS = ("ancestral", "dpmpp_2m")
+
+
 def _run(quick: bool) -> list[dict]:
     from vdm_fast.diffusion import GaussianDiffusion
 
@@ -89,32 +93,38 @@ def _run(quick: bool) -> list[dict]:
         fwd, z, lam = _bare_forward(model, shape, device)
         with torch.no_grad():
             bare_ms = time_ms(fwd, quick=quick)
+        for sampler in SAMPLERS:
+            rows += _sampler_rows(d, name, sampler, shape, steps, device, quick, bare_ms, model, z, lam)
+    return rows
 
-        def sample(graph: bool):
-            g = torch.Generator(device=device).manual_seed(0)
-            return d.sample(shape, steps=steps, progress=False, cuda_graph=graph, generator=g, device=device)
 
-        op = f"sample step ({name})"
-        eager_ms = time_ms(lambda: sample(False), quick=quick) / steps
-        cpu = "" if GPU else "; CPU, 1 thread"
-        rows.append(row(op, shape, torch.float32, "eager loop vs bare forward", eager_ms, baseline_ms=bare_ms,
-                        note=f"{steps} ancestral steps; loop overhead {100 * (eager_ms / bare_ms - 1):+.1f}%{cpu}"))
-        if not GPU:
-            for contender in ("cuda graph vs bare forward (graphed)", "graph loop vs eager loop"):
-                rows.append(row(op, shape, torch.float32, contender, None, note=NOT_RUN_GPU.replace(
-                    "Triton kernels", "CUDA graphs")))
-            continue
-        check_close("cuda graph loop", sample(True), sample(False), 1e-5)
-        info = dict(d.last_sample_info)
-        graph_ms = time_ms(lambda: sample(True), quick=quick) / steps
-        with torch.no_grad():
-            bare_graph_ms = time_ms(_graphed_forward(model, z, lam), quick=quick)
-        why = "" if info.get("cuda_graph") else f"; NOT captured: {info.get('reason')}"
-        rows.append(row(op, shape, torch.float32, "cuda graph vs bare forward (graphed)", graph_ms,
-                        baseline_ms=bare_graph_ms,
-                        note=f"overhead {100 * (graph_ms / bare_graph_ms - 1):+.1f}% (target < 3%){why}"))
-        rows.append(row(op, shape, torch.float32, "graph loop vs eager loop", graph_ms, baseline_ms=eager_ms,
-                        note=why.lstrip("; ")))
+def _sampler_rows(d, name, sampler, shape, steps, device, quick, bare_ms, model, z, lam) -> list[dict]:
+    def sample(graph: bool):
+        g = torch.Generator(device=device).manual_seed(0)
+        return d.sample(shape, steps=steps, sampler=sampler, progress=False, cuda_graph=graph, generator=g,
+                        device=device)
+
+    op = f"sample step ({name}, {sampler})"
+    eager_ms = time_ms(lambda: sample(False), quick=quick) / steps
+    cpu = "" if GPU else "; CPU, 1 thread"
+    rows = [row(op, shape, torch.float32, "eager loop vs bare forward", eager_ms, baseline_ms=bare_ms,
+                note=f"{steps} {sampler} steps; loop overhead {100 * (eager_ms / bare_ms - 1):+.1f}%{cpu}")]
+    if not GPU:
+        for contender in ("cuda graph vs bare forward (graphed)", "graph loop vs eager loop"):
+            rows.append(row(op, shape, torch.float32, contender, None, note=NOT_RUN_GPU.replace(
+                "Triton kernels", "CUDA graphs")))
+        return rows
+    check_close("cuda graph loop", sample(True), sample(False), 1e-5)
+    info = dict(d.last_sample_info)
+    graph_ms = time_ms(lambda: sample(True), quick=quick) / steps
+    with torch.no_grad():
+        bare_graph_ms = time_ms(_graphed_forward(model, z, lam), quick=quick)
+    why = "" if info.get("cuda_graph") else f"; NOT captured: {info.get('reason')}"
+    rows.append(row(op, shape, torch.float32, "cuda graph vs bare forward (graphed)", graph_ms,
+                    baseline_ms=bare_graph_ms,
+                    note=f"overhead {100 * (graph_ms / bare_graph_ms - 1):+.1f}% (target < 3%){why}"))
+    rows.append(row(op, shape, torch.float32, "graph loop vs eager loop", graph_ms, baseline_ms=eager_ms,
+                    note=why.lstrip("; ")))
     return rows
 
 
