@@ -164,10 +164,47 @@ def _gn_layer_copies(device):
     return "GroupNormSiLU fwd+bwd (channels_last_3d, FiLM views)", x.numel() * x.element_size(), copied_bytes(step)
 
 
+# ------------------------------------------------------------------------------------------ temporal_attention
+
+
+def _ta_inputs(device, requires_grad):
+    """The packed projection (B, T, H*W, 3 * heads * d) of a channels_last_3d activation and a shared fp32 bias,
+    as TemporalAttention hands them to the op (tiny: the host path is what is timed)."""
+    heads, frames, d = 2, 5, 8
+    qkv = torch.randn(2, frames, 3, 3 * heads * d, device=device, requires_grad=requires_grad)
+    bias = torch.randn(heads, frames, frames, device=device, requires_grad=requires_grad)
+    return qkv, heads, bias
+
+
+def _ta_call(inputs):
+    from vdm_fast import ops
+
+    qkv, heads, bias = inputs
+    return ops.temporal_attention_packed(qkv, heads, bias)
+
+
+def _ta_layer_copies(device):
+    from vdm_fast.layers import TemporalAttention
+
+    layer = TemporalAttention(64, heads=2, dim_head=32).to(device)
+    x = torch.randn(2, 64, 8, 8, 8, device=device).contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+
+    def step():
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+
+    step()
+    return "TemporalAttention fwd+bwd (channels_last_3d, packed qkv)", x.numel() * x.element_size(), copied_bytes(step)
+
+
 OPS = [
     HostOp("group_norm_silu", "vdm_fast.kernels.group_norm_silu", ("_fwd_kernel", "_bwd_kernel", "_bwd_params_kernel"),
            _gn_inputs, _gn_call, "channels_last_3d, weight, bias, scale, shift (views), per_frame",
            _gn_layer_copies),
+    HostOp("temporal_attention", "vdm_fast.kernels.temporal_attention", ("_fwd_kernel", "_bwd_kernel"),
+           _ta_inputs, _ta_call, "ops.temporal_attention_packed: packed qkv of a channels_last_3d activation, shared "
+           "bias", _ta_layer_copies),
 ]
 
 

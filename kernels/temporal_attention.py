@@ -165,8 +165,8 @@ def _fwd_kernel(
 def _bwd_kernel(
     Q, K, V, O, DO, LSE, DELTA, BIAS, MASK, DQKV, PARTIALS,
     sq_b, sq_s, sq_h, sq_t, sq_d, sk_b, sk_s, sk_h, sk_t, sk_d, sv_b, sv_s, sv_h, sv_t, sv_d,
-    sdo_b, sdo_s, sdo_h, sdo_t, sdo_d, sbias_b, sbias_h, sbias_i, sbias_j, smask_b, smask_i, smask_j,
-    KV_STEP, S, T, HEADS, SEQ_BLOCKS, PID0, scale, qk_scale,
+    sbias_b, sbias_h, sbias_i, sbias_j, smask_b, smask_i, smask_j,
+    KV_STEP, S, T, HEADS, SEQ_BLOCKS, scale, qk_scale, PID0, sdo_b, sdo_s, sdo_h, sdo_t, sdo_d,
     D: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -364,8 +364,8 @@ class Plan:
     """
 
     __slots__ = ("packed", "shape", "heads", "frames", "d", "dtype", "has_bias", "has_mask", "bias_batch",
-                 "out_shape", "out_view", "grad_shape", "fwd_grid", "fwd_args", "fwd_meta", "bwd_cfg",
-                 "bwd_head", "bwd_tail", "bwd_meta", "seq_blocks", "scale")
+                 "out_shape", "out_view", "grad_shape", "fwd_grid", "fwd_args", "fwd_meta", "bwd_args", "bwd_meta",
+                 "bwd_grid", "seq_blocks", "needs_delta", "partials_shape", "one_launch", "scale")
 
     def __init__(self, *, packed: bool, batch: int, seqs: int, heads: int, frames: int, d: int, dtype: torch.dtype,
                  inputs: tuple, bias: tuple | None, mask: tuple | None, bias_batch: int, scale: float):
@@ -392,13 +392,19 @@ class Plan:
         self.fwd_meta = dict(flags, BN=fwd["BN"], BM=fwd["BM"], BK=fwd["BK"], num_warps=fwd["num_warps"],
                              num_stages=fwd["num_stages"])
         bwd = bwd_config(bt, bd, dtype)
-        self.bwd_cfg = bwd
         self.seq_blocks = cdiv(seqs, bwd["BN"])
-        self.bwd_head = inputs
+        self.needs_delta = bwd["BM"] < bt  # the two-pass path keeps delta in a scratch between its passes
         kv_step = heads * d if packed else n * frames * heads * d
-        self.bwd_tail = (*bias_strides, *mask_strides, kv_step, seqs, frames, heads, self.seq_blocks)
-        self.bwd_meta = dict(flags, BN=bwd["BN"], BM=bwd["BM"], num_warps=bwd["num_warps"],
-                             num_stages=bwd["num_stages"])
+        # Up to PID0 (the first program of a launch), then dO's strides, known only in the backward.
+        self.bwd_args = (*inputs, *bias_strides, *mask_strides, kv_step, seqs, frames, heads, self.seq_blocks, scale,
+                         qk_scale)
+        meta = dict(flags, BN=bwd["BN"], BM=bwd["BM"], num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])
+        self.bwd_meta = {False: dict(meta, BIAS_GRAD=False), True: dict(meta, BIAS_GRAD=True)}
+        programs = batch * heads * self.seq_blocks
+        self.bwd_grid = (programs,)
+        cap = max(heads, MAX_PARTIAL_ELEMENTS // max(1, frames * frames))  # programs whose partials fit the cap
+        self.one_launch = programs <= cap
+        self.partials_shape = (min(cap, programs), frames, frames)
 
 
 def forward(plan: Plan, q, k, v, bias, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,60 +427,70 @@ def backward(plan: Plan, grad_out, do_strides: tuple, q, k, v, out, lse, bias, m
     Each program writes one bias partial (T, T); they are summed per (sample, head) in a fixed order (torch.sum), in
     launches of at most MAX_PARTIAL_ELEMENTS partial elements, so the scratch stays bounded whatever N is.
     """
-    batch, seqs = plan.shape
-    heads, frames = plan.heads, plan.frames
-    n = batch * seqs
     grads = torch.empty(plan.grad_shape, dtype=q.dtype, device=q.device)
-    cfg = plan.bwd_cfg
-    blocks = plan.seq_blocks
-    delta = lse if cfg["BM"] == max(16, next_pow2(frames)) else torch.empty_like(lse)
     bias_grad = bias_grad and bias is not None
-    meta = dict(plan.bwd_meta, BIAS_GRAD=bias_grad)
-    per_sample = heads * blocks  # programs of one sample
-    cap = max(heads, MAX_PARTIAL_ELEMENTS // max(1, frames * frames)) if bias_grad else 1 << 62
-    partials = torch.empty((min(cap, batch * per_sample) if bias_grad else 1, frames, frames),
-                           dtype=torch.float32, device=q.device)
-    dbias = torch.empty((plan.bias_batch, heads, frames, frames), dtype=torch.float32, device=q.device) \
-        if bias_grad else None
-    bias_arg = q if bias is None else bias
-    mask_arg = q if mask is None else mask
-    ptrs = (q, k, v, out, grad_out, lse, delta, bias_arg, mask_arg, grads, partials)
-    args = (*plan.bwd_head, *do_strides, *plan.bwd_tail)
-
-    def launch(first: int, count: int) -> None:
-        _launch(_bwd_kernel, (count,), (*ptrs, *args, first, plan.scale, plan.scale * LOG2E), meta)
-
-    if n == 0 or grads.numel() == 0:
-        if dbias is not None:
-            dbias.zero_()
+    partials = torch.empty(plan.partials_shape if bias_grad else (1,), dtype=torch.float32, device=q.device)
+    ptrs = (q, k, v, out, grad_out, lse, torch.empty_like(lse) if plan.needs_delta else lse,
+            q if bias is None else bias, q if mask is None else mask, grads, partials)
+    meta = plan.bwd_meta[bias_grad]
+    dbias = None
+    if grads.numel() == 0:
+        if bias_grad:
+            dbias = torch.zeros((plan.bias_batch, plan.heads, plan.frames, plan.frames), dtype=torch.float32,
+                                device=q.device)
+    elif not bias_grad or plan.one_launch:
+        with device_guard(q):
+            _launch(_bwd_kernel, plan.bwd_grid, (*ptrs, *plan.bwd_args, 0, *do_strides), meta)
+        if bias_grad:
+            dbias = _sum_partials(plan, partials, plan.shape[0])
     else:
         with device_guard(q):
-            if not bias_grad:
-                launch(0, batch * per_sample)
-            elif per_sample <= cap:  # whole samples per launch
-                per = cap // per_sample
-                for b0 in range(0, batch, per):
-                    nb = min(per, batch - b0)
-                    launch(b0 * per_sample, nb * per_sample)
-                    sums = partials[: nb * per_sample].view(nb, blocks, heads, frames, frames)
-                    if plan.bias_batch == 1 and b0 == 0:
-                        torch.sum(sums, (0, 1), out=dbias[0])
-                    elif plan.bias_batch == 1:  # shared bias: every sample adds to it, in launch order
-                        dbias[0] += sums.sum((0, 1))
-                    else:
-                        torch.sum(sums, 1, out=dbias[b0:b0 + nb])
-            else:  # a sample spans launches: add each launch's sum in launch order
-                rows = cap // heads  # sequence blocks per launch
-                dbias.zero_()
-                for b in range(batch):
-                    for r0 in range(0, blocks, rows):
-                        cnt = min(rows, blocks - r0)
-                        launch(b * per_sample + r0 * heads, cnt * heads)
-                        dbias[b if plan.bias_batch > 1 else 0] += partials[: cnt * heads].view(
-                            cnt, heads, frames, frames).sum(0)
+            dbias = _backward_in_chunks(plan, ptrs, do_strides, meta, partials)
     if not plan.packed:
         grads = grads.transpose(2, 3)  # (3, N, heads, T, d) views of (3, N, T, heads, d) memory
     return grads, dbias
+
+
+def _sum_partials(plan: Plan, partials: torch.Tensor, samples: int) -> torch.Tensor:
+    """(samples, heads, T, T) per-sample sums or (1, heads, T, T) for a shared bias, of `samples` whole samples'
+    partials (program order: sample, sequence block, head)."""
+    heads, frames = plan.heads, plan.frames
+    rows = partials[: samples * plan.seq_blocks * heads]
+    if plan.bias_batch == 1:
+        return rows.view(-1, heads, frames, frames).sum(0, keepdim=True)
+    return rows.view(samples, plan.seq_blocks, heads, frames, frames).sum(1)
+
+
+def _backward_in_chunks(plan: Plan, ptrs, do_strides, meta, partials) -> torch.Tensor:
+    """The bias partials exceed the cap: launches of whole samples, or of parts of one sample, each summed in
+    launch order (a fixed order: still bitwise reproducible)."""
+    batch, heads, frames, blocks = plan.shape[0], plan.heads, plan.frames, plan.seq_blocks
+    per_sample = heads * blocks  # programs of one sample
+    cap = partials.shape[0]
+
+    def launch(first: int, count: int) -> None:
+        _launch(_bwd_kernel, (count,), (*ptrs, *plan.bwd_args, first, *do_strides), meta)
+
+    dbias = torch.zeros((plan.bias_batch, heads, frames, frames), dtype=torch.float32, device=partials.device)
+    if per_sample <= cap:  # whole samples per launch
+        per = cap // per_sample
+        for b0 in range(0, batch, per):
+            nb = min(per, batch - b0)
+            launch(b0 * per_sample, nb * per_sample)
+            sums = _sum_partials(plan, partials, nb)
+            if plan.bias_batch == 1:  # shared bias: every sample adds to it, in launch order
+                dbias += sums
+            else:
+                dbias[b0:b0 + nb] = sums
+    else:  # a sample spans launches
+        rows = cap // heads  # sequence blocks per launch
+        for b in range(batch):
+            for r0 in range(0, blocks, rows):
+                cnt = min(rows, blocks - r0)
+                launch(b * per_sample + r0 * heads, cnt * heads)
+                dbias[b if plan.bias_batch > 1 else 0] += partials[: cnt * heads].view(cnt, heads, frames,
+                                                                                     frames).sum(0)
+    return dbias
 
 
 # ----------------------------------------------------------------------------------------------- compile check
