@@ -48,6 +48,8 @@ class Timing(float):
     n: int
 
     def __new__(cls, samples):
+        if isinstance(samples, (int, float)):  # a Triton whose do_bench ignores return_mode="all"
+            samples = [samples]
         xs = sorted(float(x) for x in samples)
         if not xs:
             raise ValueError("Timing needs at least one sample")

@@ -42,12 +42,16 @@ def _speedup(r: dict) -> str:
     return s + (" noisy" if r.get("noisy") else "")
 
 
+def _n(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _ms(r: dict, key: str) -> str:
     v = r.get(key)
     if v is None:
         return "-"
     q1, q3 = r.get(f"{key}_q1"), r.get(f"{key}_q3")
-    return f"{v:.3g}" + (f" ({q1:.3g}-{q3:.3g})" if q1 is not None and q3 is not None else "")
+    return _n(v) + (f" ({_n(q1)}-{_n(q3)})" if q1 is not None and q3 is not None else "")
 
 
 def _describe(f: Path, data: dict) -> str:
@@ -61,23 +65,27 @@ def _describe(f: Path, data: dict) -> str:
         timing = "times are medians of CUDA-event timings after warm-up"
     else:
         threads = settings.get("threads", env.get("threads"))
-        where = f"**{env['device']}**, {env.get('cpu_count') or '?'} cores, {threads} torch threads"
+        where = (f"**{env['device']}**, {env.get('cpu_count') or '?'} cores, {threads} torch "
+                 f"thread{'' if threads == 1 else 's'}")
         timing = "times are medians of wall-clock runs after warm-up"
     return (f"{where}; torch {env['torch']}, triton {env.get('triton')}, {env['date'][:10]}; {quick}{reps}{timing} "
             f"(in brackets: the interquartile range of the repeats). Source: `{f.as_posix()}`.\n")
 
 
 def _table(data: dict) -> list[str]:
-    rows = [r for r in data["rows"] if not _needs_gpu(r)]
-    skipped = len(data["rows"]) - len(rows)
+    # The comparisons; rows without a baseline (sampler quality, copied bytes, host cost) stay in the JSON.
+    rows = [r for r in data["rows"] if not _needs_gpu(r) and r.get("speedup") is not None]
+    skipped = sum(1 for r in data["rows"] if _needs_gpu(r))
+    other = len(data["rows"]) - len(rows) - skipped
     out = ["| op | shape | dtype | ours vs baseline | ms | baseline ms | speedup | GB/s | note |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = "; ".join(str(s) for s in (r.get("layout"), r.get("note")) if s)
         out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['contender']} | {_ms(r, 'ms')} | "
                    f"{_ms(r, 'baseline_ms')} | {_speedup(r)} | {_f(r.get('gbps'), '.3g')} | {note} |")
-    if skipped:
-        out += ["", f"{skipped} more rows need a CUDA GPU and were not run on this machine."]
+    if skipped or other:
+        out += ["", f"The JSON file has {other} more rows without a baseline (measurements such as sampler quality, "
+                f"copied bytes or host cost) and {skipped} rows that need a CUDA GPU and were not run on this machine."]
     return out
 
 
@@ -90,9 +98,8 @@ def render(results_dir: Path) -> str:
              "baseline it is measured against.", ""]
     if not gpu:
         parts += [NO_GPU, ""]
-    for title, group in (("GPU", gpu), ("CPU", cpu)):
-        for f, data in group:
-            parts += [f"**{title}.** " + _describe(f, data)] + _table(data) + [""]
+    for f, data in gpu + cpu:
+        parts += [_describe(f, data)] + _table(data) + [""]
     return "\n".join(parts).rstrip()
 
 

@@ -36,9 +36,10 @@ from . import common
 
 WIDTH = 120
 DEFAULT_OUT = "vdm-fast-bench"
+LAYOUT_WIDTH = 17
 # (field, title, width, right-aligned): a row's cells wrap inside their column; the op names the group above.
 COLUMNS = [("shape", "shape", 20, False), ("dtype", "dtype", 8, False), ("contender", "contender", 21, False),
-           ("layout", "layout / note", 17, False), ("ms", "ms", 7, True), ("spread", "±%", 4, True),
+           ("layout", "layout / note", LAYOUT_WIDTH, False), ("ms", "ms", 7, True), ("spread", "±%", 4, True),
            ("baseline_ms", "base ms", 7, True), ("speedup", "speedup (range)", 17, True),
            ("gbps", "GB/s", 5, True), ("threads", "thr", 3, True)]
 
@@ -123,10 +124,13 @@ def _cells(r: dict) -> dict:
         speedup = f"{sp:.2f}x"
     spreads = [v for v in (r.get("ms_spread"), r.get("baseline_ms_spread")) if v is not None]
     spread = f"{100 * max(spreads):.0f}" + ("!" if r.get("noisy") else "") if spreads else "-"
-    note = "; ".join(s for s in (r.get("layout"), r.get("note")) if s)
+    layout = r.get("layout") or ""
+    note = str(r.get("note") or "")
+    if not layout and len(note) <= LAYOUT_WIDTH:  # a short note fits the column; a long one gets its own line
+        layout, note = note, ""
     return {"shape": r.get("shape", ""), "dtype": r.get("dtype", ""), "contender": r.get("contender", ""),
-            "layout": note, "ms": _num(r.get("ms")), "spread": spread, "baseline_ms": _num(r.get("baseline_ms")),
-            "speedup": speedup, "gbps": _num(r.get("gbps"), 5),
+            "layout": layout, "note": note, "ms": _num(r.get("ms")), "spread": spread,
+            "baseline_ms": _num(r.get("baseline_ms")), "speedup": speedup, "gbps": _num(r.get("gbps"), 5),
             "threads": "-" if r.get("threads") is None else str(r["threads"])}
 
 
@@ -140,6 +144,8 @@ def _render_row(cells: dict) -> list[str]:
             s = c[i] if i < len(c) else ""
             parts.append(s.rjust(w) if right else s.ljust(w))
         lines.append(("  " + " ".join(parts)).rstrip())
+    if cells.get("note"):
+        lines += textwrap.wrap(cells["note"], WIDTH, initial_indent="    ", subsequent_indent="    ")
     return lines
 
 
