@@ -85,21 +85,12 @@ def compile_one(cfg: KernelConfig, arch: int) -> dict[str, Any]:
         src = ASTSource(fn=cfg.fn, signature=sig, constants=dict(cfg.constexprs))
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    usage, sass = _cuobjdump_cubin(kernel.asm["cubin"])
+    fields = _resource_usage(usage)
     return {
         "kernel": cfg.name, "arch": f"sm_{arch}", "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-        "regs": int(fields.get("REG", -1)), "stack": int(fields.get("STACK", 0)),
-        "local": int(fields.get("LOCAL", 0)), "shared": kernel.metadata.shared,
-        "spill_ops": len(re.findall(r"\b(STL|LDL)\b", sass)),
-        "mma": sorted(set(re.findall(r"\b(HMMA|HGMMA|QGMMA|IMMA)\b", sass))),
-        "expect_mma": cfg.expect_mma,
+        "regs": fields["REG"], "stack": fields["STACK"], "local": fields["LOCAL"], "shared": kernel.metadata.shared,
+        "spill_ops": read_sass(sass)["spill_ops"], "mma": _mma_kinds(sass), "expect_mma": cfg.expect_mma,
     }
 
 
@@ -160,7 +151,7 @@ def memory_widths(sass: str) -> tuple[dict[int, int], dict[int, int]]:
 
 def read_sass(sass: str) -> dict[str, Any]:
     ldg, stg = memory_widths(sass)
-    kinds = sorted(set(re.findall(r"\b(HGMMA|HMMA|QGMMA|IMMA)\b", sass)))
+    kinds = _mma_kinds(sass)
     return {
         "ldg_bits": ldg, "stg_bits": stg,
         "mma": "HGMMA" if "HGMMA" in kinds else "HMMA" if "HMMA" in kinds else (kinds[0] if kinds else "none"),
@@ -170,7 +161,19 @@ def read_sass(sass: str) -> dict[str, Any]:
     }
 
 
+def _mma_kinds(sass: str) -> list[str]:
+    return sorted(set(re.findall(r"\b(HGMMA|HMMA|QGMMA|IMMA)\b", sass)))
+
+
+def _resource_usage(usage: str) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL from `cuobjdump --dump-resource-usage` (REG -1 if absent)."""
+    fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    return {"REG": fields.get("REG", -1), "STACK": fields.get("STACK", 0), "SHARED": fields.get("SHARED", 0),
+            "LOCAL": fields.get("LOCAL", 0)}
+
+
 def _cuobjdump_cubin(cubin: bytes) -> tuple[str, str]:
+    """(resource usage, SASS) of a cubin, by the cuobjdump that Triton ships."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -311,10 +314,10 @@ def compile_launch(launch: Launch, arch: int, *, use_cache: bool = True) -> dict
     src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     usage, sass = _cuobjdump_cubin(compiled.asm["cubin"])
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    regs, shared = int(fields.get("REG", -1)), int(compiled.metadata.shared)
+    fields = _resource_usage(usage)
+    regs, shared = fields["REG"], int(compiled.metadata.shared)
     row = {"arch": f"sm_{arch}", "num_warps": options.num_warps, "num_stages": options.num_stages, "regs": regs,
-           "local_bytes": int(fields.get("LOCAL", 0)), "stack_bytes": int(fields.get("STACK", 0)),
+           "local_bytes": fields["LOCAL"], "stack_bytes": fields["STACK"],
            "shared_bytes": shared, **read_sass(sass), **occupancy(regs, shared, options.num_warps, arch)}
     row["spills"] = row["spill_ops"]
     if use_cache:
