@@ -578,8 +578,10 @@ def test_reconstruction_guidance_with_the_fast_sampler(prediction):
         return ((out.double().reshape(B, -1)[:, ib] - cmean) ** 2).mean().item()
 
     replacement = err(x_a=xa, a_mask=a_mask, conditioning="replacement")
-    recon = err(x_a=xa, a_mask=a_mask, w_r=2.0)
-    assert recon < 0.5 * replacement and recon < 2.0 * exact, (recon, replacement, exact)
+    recon1 = err(x_a=xa, a_mask=a_mask)
+    recon = err(x_a=xa, a_mask=a_mask, w_r=2.0)  # a deterministic solver wants a larger w_r (guidance.py)
+    assert recon1 < 0.6 * replacement and recon < 0.35 * replacement, (recon1, recon, replacement)
+    assert 0.8 * exact < recon < 2.0 * exact, (recon, exact)
 
 
 MODES = {
