@@ -334,6 +334,26 @@ def test_format1_checkpoint_loads_unverified_said_once(tmp_path):
         ckpt.load(tmp_path / "checkpoints" / "step_00000005")
 
 
+@pytest.mark.filterwarnings("ignore:.*format 1 checkpoint")
+def test_hostile_json_in_an_unverified_checkpoint_is_a_clear_error(tmp_path):
+    """Without a manifest (format 1) nothing vouches for the JSON: nesting, tensor keys and types are checked."""
+    model, opt = _model_and_optimizer(0)
+    path = _save(tmp_path, 1, model, opt)
+    _to_format1(path)
+    state = json.loads((path / "state.json").read_text())
+    for tree in ("[" * 100000 + "]" * 100000, {"__tensor__": "nope"},
+                 {"__dict__": [[1, 2, 3]]}, {"__tuple__": 5}):
+        text = tree if isinstance(tree, str) else json.dumps(dict(state, state=tree))
+        (path / "state.json").write_text(text)
+        with pytest.raises(ckpt.CheckpointError, match="state.json"):
+            ckpt.load(tmp_path, parts=("state",))
+    for meta in ({"format": 1, "step": "1"}, {"format": 1, "step": -1}, {"format": 1}, [1],
+                 {"format": 1, "step": True}):
+        (path / "state.json").write_text(json.dumps(meta))
+        with pytest.raises(ckpt.CheckpointError, match="state.json"):
+            ckpt.load(tmp_path, parts=())
+
+
 # ------------------------------------------------------------------------------------------------------- the pointer
 def _hostile_pointers(tmp_path) -> list:
     other = tmp_path / "other"

@@ -188,6 +188,8 @@ def _read_json(path: Path):
         raise CheckpointError(f"{str(path)!r} is missing") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from None
+    except RecursionError:  # hostile nesting
+        raise CheckpointError(f"{str(path)!r} is nested too deeply to be a checkpoint's JSON") from None
 
 
 def _sha256(path: Path) -> str:
@@ -624,7 +626,7 @@ def load(path, *, map_location="cpu", parts=PARTS, allow_missing=()) -> Checkpoi
 def _unflatten_checked(tree, tensors: dict, where: Path):
     try:
         return unflatten(tree, tensors)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{str(where)!r} does not match its tensors ({type(e).__name__}: {e})") from None
 
 
