@@ -50,12 +50,17 @@ def _inputs(shape, channels_last, dtype, device):
     return [t.requires_grad_() for t in (x, w, b, s, sh)]
 
 
+def _label(per_frame: bool, channels_last: bool) -> str:
+    """The layout every row of a case carries, timed or not."""
+    return f"{'cl' if channels_last else 'contig'}{', per_frame' if per_frame else ''}"
+
+
 def _bench(shape, num_groups, per_frame, channels_last, quick, copy_bw) -> list[dict]:
     dtype = torch.bfloat16
     x, w, b, s, sh = inputs = _inputs(shape, channels_last, dtype, "cuda")
     fwd_bytes = 2 * x.numel() * x.element_size()
     bwd_bytes = 3 * x.numel() * x.element_size()
-    label = f"{'cl' if channels_last else 'contig'}{', per_frame' if per_frame else ''}"
+    label = _label(per_frame, channels_last)
 
     def ours(*t):
         with backend("triton"):
@@ -86,7 +91,7 @@ def _bench(shape, num_groups, per_frame, channels_last, quick, copy_bw) -> list[
             with torch.no_grad():
                 peak = peak_memory_mb(lambda: contenders[name](*inputs)) if direction == "fwd" else None
             r = row(f"group_norm_silu {direction}", shape, dtype, name if mine else f"vdm_fast vs {name}",
-                    t_ours[i], baseline_ms=None if mine else t, bytes_moved=nbytes, peak_mb=peak, note=label)
+                    t_ours[i], baseline_ms=None if mine else t, bytes_moved=nbytes, peak_mb=peak, layout=label)
             if copy_bw and r["gbps"]:
                 r["pct_copy_bw"] = 100 * r["gbps"] / copy_bw
             rows.append(r)
@@ -96,7 +101,8 @@ def _bench(shape, num_groups, per_frame, channels_last, quick, copy_bw) -> list[
 def run(quick: bool = False) -> list[dict]:
     shapes = SHAPES[:3] if quick else SHAPES
     if not GPU:
-        return [row(f"group_norm_silu {d}", s[0], torch.bfloat16, "vdm_fast (triton)", None, note=NOT_RUN_GPU)
+        return [row(f"group_norm_silu {d}", s[0], torch.bfloat16, "vdm_fast (triton)", None, note=NOT_RUN_GPU,
+                    layout=_label(s[2], s[3]))
                 for s in shapes for d in ("fwd", "bwd")]
     copy_bw = copy_bandwidth_gbps(quick)
     return [r for case in shapes for r in _bench(*case, quick, copy_bw)]

@@ -129,7 +129,8 @@ for r in timed:
     rng = f"{r['speedup_low']:.2f}-{r['speedup_high']:.2f}" if r.get("speedup_low") is not None else ""
     bw = f"{r['pct_copy_bw']:.0f}% bw" if r.get("pct_copy_bw") else ""
     flag = "noisy" if r.get("noisy") else ""
-    print(f"{r['op'][:34]:<35}{r['shape'][:20]:<21}{r['contender'][:32]:<33}{r['speedup']:>6.2f}x {rng:<11} "
+    name = f"{r['op']} [{r['layout']}]" if r.get("layout") else r["op"]
+    print(f"{name[:40]:<41}{r['shape'][:20]:<21}{r['contender'][:28]:<29}{r['speedup']:>6.2f}x {rng:<11} "
           f"{bw:<8}{flag}"[:120])
 untimed = len(rows) - len(timed)
 print(f"{len(timed)} rows with a speedup, {untimed} without (not run or no baseline); JSON: "

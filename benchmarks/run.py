@@ -126,6 +126,8 @@ def _cells(r: dict) -> dict:
     spread = f"{100 * max(spreads):.0f}" + ("!" if r.get("noisy") else "") if spreads else "-"
     layout = r.get("layout") or ""
     note = str(r.get("note") or "")
+    if note == layout:
+        note = ""
     if not layout and len(note) <= LAYOUT_WIDTH:  # a short note fits the column; a long one gets its own line
         layout, note = note, ""
     return {"shape": r.get("shape", ""), "dtype": r.get("dtype", ""), "contender": r.get("contender", ""),

@@ -48,6 +48,7 @@ CASES = [
     (["sample", "--run", "RUN", "--out", "TMP"], ["--out", "folder"]),
     (["sample", "--run", "RUN", "--out", "TMP/x.mp4"], ["--out", "imageio_ffmpeg", "vdm_fast[video]"]),
     (["sample", "--run", "TMP/none"], ["--run", "no such"]),
+    (["sample", "--run", "TMP"], ["--run", "no checkpoint"]),
     (["sample"], ["--run", "required"]),
     (["sample", "--run", "RUN", "--sampler", "foo"], ["--sampler", "ancestral", "ddim", "pc"]),
     (["sample", "--run", "RUN", "--guidance", "nan"], ["--guidance", "finite"]),

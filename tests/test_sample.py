@@ -158,3 +158,12 @@ def test_generate_is_reproducible_by_seed():
     c = sample.generate(diffusion, shape, steps=2, seed=4, progress=False)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == shape and a.abs().max() <= 1
+
+
+def test_mp4_with_the_video_extra(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    import imageio.v3 as iio
+
+    path = video_io.write_video(tmp_path / "v.mp4", torch.rand(2, 3, 5, 8, 8) * 2 - 1, fps=5)
+    frames = iio.imread(path)
+    assert frames.shape[0] == 5 and frames.shape[-1] == 3  # a 2-video grid, 5 frames, upscaled and even-sized

@@ -215,7 +215,11 @@ def check_run(args: argparse.Namespace, config: dict) -> tuple[int, int]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     check_args(args)
-    frames, size = check_run(args, ckpt.load(args.run, parts=()).config)
+    try:
+        saved = ckpt.load(args.run, parts=())  # config and step only: the weights load after every check
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--run {args.run!r}: {e}") from None
+    frames, size = check_run(args, saved.config)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     diffusion, config = load_run(args.run, ema=args.ema, device=args.device)
