@@ -334,6 +334,46 @@ def test_format1_checkpoint_loads_unverified_said_once(tmp_path):
         ckpt.load(tmp_path / "checkpoints" / "step_00000005")
 
 
+FORMAT1 = Path(__file__).parent / "data" / "checkpoint_format1"
+
+
+def _format1_reference():
+    """The model and optimizer tests/data/checkpoint_format1 was written from (by the code before manifests)."""
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(6.0).reshape(2, 3) / 10)
+        lin.bias.copy_(torch.tensor([0.5, -0.25]))
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    lin.weight.grad, lin.bias.grad = torch.ones(2, 3), torch.tensor([1.0, -1.0])
+    opt.step()
+    return lin, opt
+
+
+def test_a_checkpoint_written_before_manifests_loads_and_continues(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FORMAT1, run)
+    lin, opt = _format1_reference()
+    with pytest.warns(UserWarning, match="format 1.*without verification"):
+        c = ckpt.load(run)
+    assert c.step == 3 and not c.verified and c.saved == ckpt.PARTS and c.config == {"model": {"in": 3, "out": 2}}
+    assert c.state["pos"] == (3, 4) and c.state["note"] is None and torch.equal(c.state["t"], torch.tensor([1, 2, 3]))
+    for k, v in lin.state_dict().items():
+        assert torch.equal(c.model[k], v) and torch.equal(c.ema[k], v * 0.5)
+    # Resumed, it takes bitwise the same next step, and its next save is format 2, verified.
+    lin2 = torch.nn.Linear(3, 2)
+    lin2.load_state_dict(c.model)
+    opt2 = torch.optim.AdamW(lin2.parameters(), lr=1.0)
+    opt2.load_state_dict(c.optimizer)
+    for m, o in ((lin, opt), (lin2, opt2)):
+        m.weight.grad, m.bias.grad = torch.full((2, 3), -0.5), torch.tensor([0.25, 2.0])
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(lin.parameters(), lin2.parameters()))
+    ckpt.save(run, 4, config=c.config, model=lin2.state_dict(), ema=c.ema, optimizer=opt2.state_dict(), state=c.state)
+    c4 = ckpt.load(run)
+    assert c4.step == 4 and c4.verified and torch.equal(c4.model["weight"], lin.weight)
+    assert ckpt.find_resume(run, last_good=True, log=lambda m: None).name == "step_00000004"
+
+
 @pytest.mark.filterwarnings("ignore:.*format 1 checkpoint")
 def test_hostile_json_in_an_unverified_checkpoint_is_a_clear_error(tmp_path):
     """Without a manifest (format 1) nothing vouches for the JSON: nesting, tensor keys and types are checked."""
