@@ -17,7 +17,9 @@ The tensors the launcher allocates share one layout, fixed by PACKED, so the ker
 - PACKED=False: out (N, T, heads, d) memory (returned as the (N, heads, T, d) view the output projection reads as
   is); dq, dk, dv one buffer (3, N, T, heads, d);
 - PACKED=True: out (B, T, S, heads * d); dqkv (B, T, S, 3 * heads * d), the projection's gradient, written once.
-lse and the backward's delta scratch are (N, heads, T) fp32.
+lse and the backward's delta scratch are (N, heads, T) fp32. Kernel arguments: sizes upper case (SEQS = S positions a
+sample, T frames, HEADS, SEQ_BLOCKS, head dim D), strides s<tensor>_<dim> (sq_t: q's frame stride), only of tensors
+whose strides can differ (q, k, v, dO, bias, mask); integers equal to 1 become constants in the JIT's specialization.
 
 Grid: 1-D, program p -> (b, sequence block, head) with heads fastest, so consecutive programs read adjacent d-rows
 of the packed projection. A program owns BN consecutive positions s of one sample and one head and never straddles
@@ -73,21 +75,21 @@ def _dot(a, b, TA: tl.constexpr, TB: tl.constexpr, PREC: tl.constexpr, UPCAST: t
 
 
 @triton.jit
-def _program(S, HEADS, SEQ_BLOCKS, pid, BN: tl.constexpr):
+def _program(SEQS, HEADS, SEQ_BLOCKS, pid, BN: tl.constexpr):
     """Program pid -> sample b (int64 scalar), head h, positions s [BN, 1, 1] (int64) and their validity."""
     h = pid % HEADS
     rest = pid // HEADS
     b = (rest // SEQ_BLOCKS).to(tl.int64)
     s = ((rest % SEQ_BLOCKS).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64))[:, None, None]
-    return b, h, s, s < S
+    return b, h, s, s < SEQS
 
 
 @triton.jit
-def _own_row(b, s, h, t, S, T, HEADS, ROW, D: tl.constexpr, PACKED: tl.constexpr):
+def _own_row(b, s, h, t, SEQS, T, HEADS, ROW, D: tl.constexpr, PACKED: tl.constexpr):
     """Element offset of row t of (b, s, h) in a launcher-allocated tensor whose rows hold ROW elements."""
     if PACKED:
-        return ((b * T + t) * S + s) * ROW + h * D
-    return (((b * S + s) * T + t) * HEADS + h) * D
+        return ((b * T + t) * SEQS + s) * ROW + h * D
+    return (((b * SEQS + s) * T + t) * HEADS + h) * D
 
 
 @triton.jit
@@ -107,14 +109,14 @@ def _fwd_kernel(
     Q, K, V, BIAS, MASK, OUT, LSE,
     sq_b, sq_s, sq_h, sq_t, sq_d, sk_b, sk_s, sk_h, sk_t, sk_d, sv_b, sv_s, sv_h, sv_t, sv_d,
     sbias_b, sbias_h, sbias_i, sbias_j, smask_b, smask_i, smask_j,
-    S, T, HEADS, SEQ_BLOCKS, qk_scale,
+    SEQS, T, HEADS, SEQ_BLOCKS, qk_scale,
     D: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Passes of BM query rows; within a pass, blocks of BK keys with an online softmax (one block up to T = BK:
     then it is the plain softmax). Blocks past T are masked."""
-    b, h, s, s_ok = _program(S, HEADS, SEQ_BLOCKS, tl.program_id(0), BN)
+    b, h, s, s_ok = _program(SEQS, HEADS, SEQ_BLOCKS, tl.program_id(0), BN)
     d_col = tl.arange(0, BD)[None, None, :]
     d_ok = d_col < D
     q_at = Q + b * sq_b + s * sq_s + h * sq_h + d_col * sq_d
@@ -154,10 +156,10 @@ def _fwd_kernel(
             m = m_new
         has = l > 0  # a row with nothing allowed gives 0 (no division by its l = 0 either)
         inv = tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)
-        o_at = OUT + _own_row(b, s, h, rows, S, T, HEADS, HEADS * D, D, PACKED) + d_col
+        o_at = OUT + _own_row(b, s, h, rows, SEQS, T, HEADS, HEADS * D, D, PACKED) + d_col
         tl.store(o_at, (acc * inv[:, :, None]).to(OUT.dtype.element_ty), mask=row_ok)
         lse = tl.where(has, m + tl.math.log2(tl.where(has, l, 1.0)), 0.0)
-        lse_at = LSE + ((b * S + s) * HEADS + h) * T + rows  # [BN, BM, 1]
+        lse_at = LSE + ((b * SEQS + s) * HEADS + h) * T + rows  # [BN, BM, 1]
         tl.store(tl.reshape(lse_at, [BN, BM]), lse, mask=tl.reshape(s_ok & (rows < T), [BN, BM]))
 
 
@@ -166,7 +168,7 @@ def _bwd_kernel(
     Q, K, V, O, DO, LSE, DELTA, BIAS, MASK, DQKV, PARTIALS,
     sq_b, sq_s, sq_h, sq_t, sq_d, sk_b, sk_s, sk_h, sk_t, sk_d, sv_b, sv_s, sv_h, sv_t, sv_d,
     sbias_b, sbias_h, sbias_i, sbias_j, smask_b, smask_i, smask_j,
-    KV_STEP, S, T, HEADS, SEQ_BLOCKS, scale, qk_scale, PID0, sdo_b, sdo_s, sdo_h, sdo_t, sdo_d,
+    KV_STEP, SEQS, T, HEADS, SEQ_BLOCKS, scale, qk_scale, PID0, sdo_b, sdo_s, sdo_h, sdo_t, sdo_d,
     D: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -176,7 +178,7 @@ def _bwd_kernel(
     sequence blocks: a persistent loop made LLVM hoist every tile's addresses out of it and spill. dq, dk, dv of an
     element lie KV_STEP elements apart in DQKV (packed: heads * d, one row; else N * T * heads * d)."""
     pid = tl.program_id(0)
-    b, h, s, s_ok = _program(S, HEADS, SEQ_BLOCKS, pid + PID0, BN)
+    b, h, s, s_ok = _program(SEQS, HEADS, SEQ_BLOCKS, pid + PID0, BN)
     d_col = tl.arange(0, BD)[None, None, :]
     d_ok = d_col < D
     q_at = Q + b * sq_b + s * sq_s + h * sq_h + d_col * sq_d
@@ -193,7 +195,7 @@ def _bwd_kernel(
     do_at = DO + b * sdo_b + s * sdo_s + h * sdo_h + d_col * sdo_d
     bias_at = BIAS + b * sbias_b + h * sbias_h
     mask_at = MASK + b * smask_b
-    stat_at = ((b * S + s) * HEADS + h) * T  # [BN, 1, 1]: lse / delta rows of (b, s, h)
+    stat_at = ((b * SEQS + s) * HEADS + h) * T  # [BN, 1, 1]: lse / delta rows of (b, s, h)
     partial = PARTIALS + pid.to(tl.int64) * T * T
     if BM == BT:
         # The whole T x T tile at once: one pass computes everything. All loads first, then the dots.
@@ -211,7 +213,7 @@ def _bwd_kernel(
         allowed = tl.load(mask_at + t_row * smask_i + t_col * smask_j, mask=tile_ok, other=0) if HAS_MASK else 1
         sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
         p = tl.math.exp2(sc - lse[:, :, None])  # 0 where not allowed, and in fully masked rows
-        g_at = DQKV + _own_row(b, s, h, t_row, S, T, HEADS, grad_row, D, PACKED) + d_col
+        g_at = DQKV + _own_row(b, s, h, t_row, SEQS, T, HEADS, grad_row, D, PACKED) + d_col
         dv = _dot(p.to(do.dtype), do, True, False, PREC, UPCAST)
         tl.store(g_at + 2 * KV_STEP, dv.to(DQKV.dtype.element_ty), mask=ok)
         dp = _dot(do, v, False, True, PREC, UPCAST)
@@ -237,7 +239,7 @@ def _bwd_kernel(
             stat = tl.reshape(stat_at + rows, [BN, BM])
             q = tl.load(q_at + rows * sq_t, mask=row_ok, other=0.0)
             do = tl.load(do_at + rows * sdo_t, mask=row_ok, other=0.0)
-            o = tl.load(O + _own_row(b, s, h, rows, S, T, HEADS, HEADS * D, D, PACKED) + d_col, mask=row_ok,
+            o = tl.load(O + _own_row(b, s, h, rows, SEQS, T, HEADS, HEADS * D, D, PACKED) + d_col, mask=row_ok,
                         other=0.0)
             lse = tl.load(LSE + stat, mask=stat_ok, other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)
@@ -262,7 +264,7 @@ def _bwd_kernel(
                     r = i0 + tl.arange(0, BM)[:, None]
                     c = j0 + tl.arange(0, BM)[None, :]
                     tl.store(partial + r * T + c, tl.sum(ds, 0), mask=(r < T) & (c < T))
-            g_at = DQKV + _own_row(b, s, h, rows, S, T, HEADS, grad_row, D, PACKED) + d_col
+            g_at = DQKV + _own_row(b, s, h, rows, SEQS, T, HEADS, grad_row, D, PACKED) + d_col
             tl.store(g_at, (dq * scale).to(DQKV.dtype.element_ty), mask=row_ok)
         tl.debug_barrier()  # pass 2 reads the delta this CTA wrote in pass 1
         # Pass 2, per key block: dk and dv over the row blocks.
@@ -293,7 +295,7 @@ def _bwd_kernel(
                 dv += _dot(p.to(do.dtype), do, True, False, PREC, UPCAST)
                 ds = p * (_dot(do, v, False, True, PREC, UPCAST) - delta[:, :, None])
                 dk += _dot(ds.to(q.dtype), q, True, False, PREC, UPCAST)
-            g_at = DQKV + _own_row(b, s, h, keys, S, T, HEADS, grad_row, D, PACKED) + d_col
+            g_at = DQKV + _own_row(b, s, h, keys, SEQS, T, HEADS, grad_row, D, PACKED) + d_col
             tl.store(g_at + KV_STEP, (dk * scale).to(DQKV.dtype.element_ty), mask=key_ok)
             tl.store(g_at + 2 * KV_STEP, dv.to(DQKV.dtype.element_ty), mask=key_ok)
 
