@@ -304,8 +304,8 @@ def save(run_dir, step: int, *, config: dict, model: dict[str, torch.Tensor], em
         raise ValueError(f"keep must be None or an int >= 0 (0: keep all), got {keep!r}")
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    # Everything is serialised in memory first: the finiteness checks run before a byte reaches the disk.
-    files: dict[str, bytes] = {}
+    # Every check (types, finiteness, JSON-ability) runs before a byte reaches the disk: a refused save leaves no trace.
+    files: dict[str, bytes | dict[str, torch.Tensor]] = {}
     parts = ["model"]
     blobs = {"model": model, "ema": ema}
     for part in ("model", "ema"):
