@@ -16,7 +16,7 @@ from test_train import _params as params
 import vdm_fast
 from vdm_fast import checkpoint as ckpt
 from vdm_fast.diffusion import GaussianDiffusion
-from vdm_fast.train import EMA, TrainConfig, Trainer, train
+from vdm_fast.train import EMA, TrainConfig, Trainer, TrainingDiverged, train
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +96,15 @@ def test_fp16_scaler_skips_an_overflowing_step_without_counting_it_as_divergence
                                   **TINY))
     assert resumed.scaler.get_scale() == second[3]
     resumed.close()
+
+
+def test_fp16_gradients_that_overflow_at_scale_1_are_divergence(tmp_path):
+    t = Trainer(TrainConfig(out=str(tmp_path / "s"), steps=3, precision="fp16", **TINY))
+    t.scaler.update(1.0)  # as after 16 overflowing steps from the initial 65536
+    t.model.conv_out.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        t.run()
+    t.close(clean=False)
 
 
 def test_fp32_overflow_is_a_skipped_step(tmp_path):
