@@ -334,6 +334,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         try:
             mod = importlib.import_module(f"vdm_fast.benchmarks.{name}")
             new = mod.run(quick=args.quick)
+        except ModuleNotFoundError as e:  # an optional package (triton, diffusers) missing: said plainly, no traceback
+            new = [common.row(name.removeprefix("bench_"), "-", "-", "-", None,
+                              note=f"not run: needs the {e.name} package, which is not installed here")]
         except Exception as e:  # a failing benchmark is reported as a row, never hidden
             traceback.print_exc()
             failure = f"FAILED: {type(e).__name__}: {e}"

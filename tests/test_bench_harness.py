@@ -140,6 +140,22 @@ def test_main_writes_json_and_plot_in_the_default_folder_twice(fake_bench, tmp_p
     assert pngs[0].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_benchmark_needing_a_missing_package_is_one_row(monkeypatch, tmp_path, capsys):
+    mod = types.ModuleType("vdm_fast.benchmarks.bench_fake")
+
+    def needs_triton(quick=False):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    mod.run = needs_triton
+    monkeypatch.setitem(sys.modules, "vdm_fast.benchmarks.bench_fake", mod)
+    monkeypatch.setattr(run, "modules", lambda name_filter="": ["bench_fake"])
+    assert run.main(["--out", str(tmp_path), "--no-plot"]) == 0
+    captured = capsys.readouterr()
+    assert "needs the triton package" in captured.out and "Traceback" not in captured.err
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["op"] == "fake"
+
+
 def test_plot_without_matplotlib_says_so(fake_bench, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     message = run.plot(_rows(), tmp_path / "p.png", "t")

@@ -226,8 +226,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     mc, num_classes = config["model"], config.get("data", {}).get("num_classes", 0)
     dev = next(diffusion.model.parameters()).device
     shape = (args.num, mc["in_channels"], frames, size, size)
+    threads = torch.get_num_threads()
     print(f"sampling {args.num} x {frames} frames of {size}x{size} from {config['path']} (step {config['step']}, "
-          f"{config['weights']} weights) on {dev}, {torch.get_num_threads()} threads, {args.sampler} "
+          f"{config['weights']} weights) on {dev}, {threads} thread{'' if threads == 1 else 's'}, {args.sampler} "
           f"sampler, {args.steps} steps" + (f", extended to {args.extend_to} frames" if args.extend_to else ""),
           file=sys.stderr)
     t0 = time.perf_counter()
