@@ -266,6 +266,16 @@ def test_grids_span_the_schedule_strictly_increasing(timesteps, steps):
     assert torch.allclose(S.levels(CosineSchedule(), 8, "logsnr"), torch.linspace(-20, 20, 9, dtype=torch.float64))
 
 
+def test_unipc_first_row_is_ddim_and_later_rows_use_two_previous_predictions():
+    sch = CosineSchedule()
+    P, ddim = S.predictor_table(sch, 12, "unipc", 0.0, "karras"), S.predictor_table(sch, 12, "ddim", 0.0, "karras")
+    assert torch.allclose(P[0, S.CZ:S.CX + 1], ddim[0, S.CZ:S.CX + 1], rtol=1e-12) and P[0, S.CH1] == 0
+    assert torch.allclose(P[:, S.CZ], ddim[:, S.CZ], rtol=1e-12)  # the exponential integrator's linear part
+    assert (P[3:11, S.CH2] != 0).all() and S.orders(12, "unipc") == [1] + [2] * 10 + [1]
+    # a constant data prediction is integrated exactly: the weights of m_i, m_{i-1}, m_{i-2} sum to DDIM's c_x
+    assert torch.allclose(P[:, S.CX] + P[:, S.CH1] + P[:, S.CH2], ddim[:, S.CX], rtol=1e-9, atol=1e-12)
+
+
 def test_dpmpp_orders_low_at_the_ends():
     assert S.orders(10, "dpmpp_3m") == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
     assert S.orders(20, "dpmpp_3m")[-3:] == [3, 3, 1] and S.orders(20, "dpmpp_2m")[:3] == [1, 2, 2]
@@ -310,9 +320,12 @@ def _sin(x):
 
 
 def test_solver_orders_measured():
-    """Global error of the tables on a known integral: DDIM is first order, 2M and 3M second order (see the 3M caveat
+    """Global error of the tables on a known integral: DDIM is first order, 2M and 3M second order, UniPC-2 third
+    (see the 3M caveat
     in samplers.py: its published curvature weight is half the exact one, which the last assertion pins down)."""
-    errs = {s: [_integrate(s, n, _sin) for n in (40, 80)] for s in ("ddim", "dpmpp_2m", "dpmpp_3m")}
+    errs = {s: [_integrate(s, n, _sin) for n in (40, 80)] for s in ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc")}
+    # UniPC-2's corrector raises its order by one (Zhao et al. 2023, Theorem 3.1): third order
+    assert errs["unipc"][0] / errs["unipc"][1] > 6.5 and errs["unipc"][1] < 0.2 * errs["dpmpp_2m"][1], errs
     assert 1.6 < errs["ddim"][0] / errs["ddim"][1] < 2.6, errs
     assert errs["dpmpp_2m"][0] / errs["dpmpp_2m"][1] > 3.2 and errs["dpmpp_2m"][1] < 0.2 * errs["ddim"][1], errs
     assert errs["dpmpp_3m"][0] / errs["dpmpp_3m"][1] > 3.2 and errs["dpmpp_3m"][1] < errs["dpmpp_2m"][1], errs

@@ -65,7 +65,8 @@ def analytic_moments(steps: int, sampler: str, gamma: float, corrector_steps: in
 
 CASES = [("ancestral", dict(gamma=0.0)), ("ancestral", dict(gamma=0.3)), ("ancestral", dict(gamma=1.0)),
          ("ddim", {}), ("pc", dict(gamma=0.3, corrector_steps=1)), ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}),
-         ("dpmpp_3m", {}), ("dpmpp_2m", dict(timesteps="uniform")), ("dpmpp_3m", dict(timesteps="logsnr"))]
+         ("dpmpp_3m", {}), ("unipc", {}), ("dpmpp_2m", dict(timesteps="uniform")),
+         ("dpmpp_3m", dict(timesteps="logsnr")), ("unipc", dict(timesteps="uniform"))]
 
 
 @pytest.mark.parametrize("prediction", PREDS)
@@ -95,7 +96,7 @@ def test_sampler_error_shrinks_with_steps():
         errs = [abs(analytic_moments(n, sampler, kw.get("gamma", 0.0), kw.get("corrector_steps", 0),
                                      timesteps="uniform")[1] - SD) for n in (64, 256)]
         assert errs[1] < 0.5 * errs[0] and errs[1] < 0.015 * SD, (sampler, kw, errs)
-    for sampler in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"):
+    for sampler in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"):
         errs = [abs(analytic_moments(n, sampler, 0.0, timesteps="uniform")[1] - SD) for n in (64, 256)]
         assert errs[1] < 0.25 * errs[0] and errs[1] < 0.002 * SD, (sampler, errs)
 
@@ -366,7 +367,8 @@ class TinyNet(torch.nn.Module):
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("sampler,kw", [("ancestral", {}), ("ddim", {}), ("pc", dict(corrector_steps=2)),
-                                       ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_3m", dict(timesteps="uniform"))])
+                                       ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_3m", dict(timesteps="uniform")),
+                                       ("unipc", {})])
 def test_cuda_graph_loop_equals_eager(sampler, kw):
     net = TinyNet().cuda()
     d = GaussianDiffusion(net, prediction="v")
@@ -511,7 +513,7 @@ def test_dpmpp_2m_reproduces_gaussian_data_in_25_calls(prediction):
     assert abs(mean - m_exact) < 5 * s_exact / n**0.5 and abs(std - s_exact) < 5 * s_exact / (2 * n) ** 0.5
 
 
-@pytest.mark.parametrize("sampler", ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"))
+@pytest.mark.parametrize("sampler", ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"))
 def test_fast_samplers_cfg_mean_shift(sampler):
     """Guidance with weight w on N(c, SD^2) against N(0, SD^2) data is exactly the oracle of N((1 + w) c, SD^2):
     at 25 calls the fast samplers land on that mean (w = 0: the conditional mean), one batched call per step."""

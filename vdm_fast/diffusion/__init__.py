@@ -1,6 +1,6 @@
 """The Gaussian diffusion process of Video Diffusion Models and its samplers (ancestral, DDIM, predictor-corrector,
-DPM-Solver++ 2M / 2M SDE / 3M), step grids, classifier-free guidance, reconstruction guidance for conditional
-generation and super-resolution, and exact oracle denoisers to test samplers against.
+DPM-Solver++ 2M / 2M SDE / 3M, UniPC), step grids, classifier-free guidance, reconstruction guidance for
+conditional generation and super-resolution, and exact oracle denoisers to test samplers against.
 
 SAMPLERS and TIMESTEPS are the choices `GaussianDiffusion.sample(sampler=..., timesteps=...)` takes."""
 

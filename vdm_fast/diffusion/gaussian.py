@@ -154,19 +154,20 @@ class GaussianDiffusion(torch.nn.Module):
         steps: model calls (pc: times 1 + corrector_steps). sampler (vdm_fast.diffusion.SAMPLERS): "ancestral"
         (variance (sigma~^2_{s|t})^(1-gamma) (sigma^2_{t|s})^gamma, gamma in [0, 1]), "ddim" (eta = 0), "pc"
         (ancestral + `corrector_steps` Langevin steps of size `langevin_delta` in (0, 1] after each step but the
-        last; default 1), or DPM-Solver++ "dpmpp_2m" (2nd-order multistep ODE, the fast default: 25 steps),
-        "dpmpp_3m" (3rd order) and "dpmpp_2m_sde" (2nd-order SDE). timesteps (TIMESTEPS): the step grid,
-        "uniform" in t, "logsnr" or "karras"; None picks the sampler's default (samplers.DEFAULT_TIMESTEPS, with
-        the reasons). cond + guidance_weight w in [-1, 1000]: classifier-free guidance (1 + w) pred(z, cond) -
-        w pred(z, None), both branches in one model call of batch 2B. x_a + a_mask (bool (T,)): frames given
-        (x_a (B, C, A, H, W) in a_mask's order, or a full video of which the marked frames are read);
-        conditioning "reconstruction" (the paper's reconstruction guidance with weight w_r in [0, 1e4], plus
-        replacement of z^a) or "replacement" (baseline). x_lowres (B, C, T, h, w): spatial super-resolution by
-        reconstruction guidance. With the multistep samplers the guided prediction x~ is the solver's data
-        prediction: it enters the update and the history like an unguided x_hat. The returned video holds x_a at
-        the marked frames. All noise comes from `generator`. cuda_graph (default: on for CUDA) captures each step
-        in a CUDA graph; see fast_loop.py for what falls back to eager and why (in self.last_sample_info).
-        Other keywords go to the model unchanged.
+        last; default 1), or the fast multistep samplers, one model call per step: DPM-Solver++ "dpmpp_2m"
+        (2nd-order ODE, the fast default: 25 steps), "dpmpp_3m", "dpmpp_2m_sde" (2nd-order SDE) and "unipc"
+        (UniPC-2 with its corrector). timesteps (TIMESTEPS): the step grid, "uniform" in t, "logsnr" or
+        "karras"; None picks the sampler's default (samplers.DEFAULT_TIMESTEPS, with the reasons).
+        cond + guidance_weight w in [-1, 1000]: classifier-free guidance (1 + w) pred(z, cond) - w pred(z, None),
+        both branches in one model call of batch 2B. x_a + a_mask (bool (T,)): frames given (x_a (B, C, A, H, W)
+        in a_mask's order, or a full video of which the marked frames are read); conditioning "reconstruction"
+        (the paper's reconstruction guidance with weight w_r in [0, 1e4], plus replacement of z^a) or
+        "replacement" (baseline). x_lowres (B, C, T, h, w): spatial super-resolution by reconstruction guidance.
+        With the multistep samplers the guided prediction x~ is the solver's data prediction: it enters the
+        update and the history like an unguided x_hat (guidance.py). The returned video holds x_a at the marked
+        frames. All noise comes from `generator`. cuda_graph (default: on for CUDA) captures each step in a CUDA
+        graph; see fast_loop.py for what falls back to eager and why (in self.last_sample_info). device: where
+        to sample (default: the model's). Other keywords go to the model unchanged.
         """
         dev = guidance.sampling_device(device, self.model, cond, x_a, x_lowres)
         plan = fast_loop.make_plan(

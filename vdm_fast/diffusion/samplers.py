@@ -48,6 +48,13 @@ approximates x_theta on [l_t, l_s] by a polynomial in l through the current and 
   decays faster, c_z = (sigma_s / sigma_t) e^(-h), A = alpha_s (1 - e^(-2h)), fresh noise c_n = sigma_s
   sqrt(1 - e^(-2h)), and the same midpoint correction on A. At order 1 it is exactly the ancestral step with
   gamma = 0 (the posterior q(z_s | z_t, x_hat)).
+UniPC (Zhao, Bai, Rao, Zhou, Lu 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+Diffusion Models", arXiv:2302.04867), order 2, data prediction, B(h) = e^(-h) - 1 ("bh2"), as diffusers' default
+UniPCMultistepScheduler: the model output m_i at the predicted z_i is used twice, first to correct z_i (UniC: the
+same exponential integrator from z_{i-1}, now through m_{i-1} and m_i, with weights rho_c solving its order
+conditions R rho = b, b_k = h phi_(k+1)(h) k! / B(h)), then to predict z_{i+1} (UniP-2, rho_p = 1/2). The corrector
+costs no model call and raises the order by one (third order measured). Both parts are linear in m_i, m_{i-1},
+m_{i-2} and share the linear part, so one row holds the whole step (_unipc_rows).
 The first step has no history (order 1); the second has one previous prediction (order <= 2). With fewer than 15
 steps the last updates are taken at lower order (the final update at order 1, 3M's second to last at order <= 2), as
 in Lu et al.'s code: a large final step with an extrapolated D is what makes few-step multistep samples unstable.
@@ -74,7 +81,7 @@ from vdm_fast import _checks
 from vdm_fast.diffusion.schedule import CosineSchedule
 from vdm_fast.ops.diffusion_update import NCOEF, diffusion_update
 
-SAMPLERS = ("ancestral", "ddim", "pc", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
+SAMPLERS = ("ancestral", "ddim", "pc", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc")
 TIMESTEPS = ("uniform", "logsnr", "karras")
 # The step grid each sampler uses unless timesteps= says otherwise (measured: kernels/notes/diffusion_update.md and
 # docs/sampler_quality.png). The paper's samplers keep the paper's grid, uniform in t. The DPM-Solver++ samplers take
@@ -83,9 +90,11 @@ TIMESTEPS = ("uniform", "logsnr", "karras")
 # sample, blurred within each mode) and it skips the high-noise levels where the data barely change. At 10 calls
 # and fewer the uniform grid is better (the notes say so, and the benchmark shows it).
 DEFAULT_TIMESTEPS = {"ancestral": "uniform", "ddim": "uniform", "pc": "uniform", "dpmpp_2m": "karras",
-                     "dpmpp_2m_sde": "karras", "dpmpp_3m": "karras"}
+                     "dpmpp_2m_sde": "karras", "dpmpp_3m": "karras", "unipc": "karras"}
 # How many previous x_hat each sampler keeps (the history buffer's length).
-HISTORY = {"ancestral": 0, "ddim": 0, "pc": 0, "dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m": 2}
+HISTORY = {"ancestral": 0, "ddim": 0, "pc": 0, "dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m": 2, "unipc": 2}
+# The multistep samplers' highest order (UniPC-2 keeps two previous x_hat: its corrector reaches one step further).
+ORDER = {"dpmpp_2m": 2, "dpmpp_2m_sde": 2, "dpmpp_3m": 3, "unipc": 2}
 # Which samplers draw fresh noise in every predictor step.
 NOISY = ("ancestral", "pc", "dpmpp_2m_sde")
 LOGSNR, ALPHA, SIGMA, CZ, CX, CN, CH1, CH2 = range(NCOEF)
@@ -146,7 +155,7 @@ def _frame(lam: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def orders(steps: int, sampler: str) -> list[int]:
     """The order of each step's update: 1 at the first, growing with the history, lower at the end of short runs."""
-    top = HISTORY[sampler] + 1
+    top = ORDER.get(sampler, 1)
     out = [min(top, i + 1) for i in range(steps)]
     if steps >= 1:
         out[-1] = 1  # the final update (to lambda_max) is unused: x_hat of the last call is the sample
@@ -176,6 +185,8 @@ def predictor_table(schedule: CosineSchedule, steps: int, sampler: str, gamma: f
         log_var_prior = one_minus_r.log() + ls2_t
         rows[:, CN] = (0.5 * ((1.0 - gamma) * log_var_post + gamma * log_var_prior)).exp()
         return rows
+    if sampler == "unipc":
+        return _unipc_rows(rows, 0.5 * lam, alpha_s, sigma_s, sigma_t, orders(steps, sampler))
     h = 0.5 * (ls - lt)  # step sizes in l = lambda / 2, > 0
     sde = sampler == "dpmpp_2m_sde"
     he = 2.0 * h if sde else h  # the exponent of the data term's weight: h (ODE) or 2h (SDE, eta = 1)
@@ -193,6 +204,62 @@ def predictor_table(schedule: CosineSchedule, steps: int, sampler: str, gamma: f
         else:
             c = _dpmpp_3m_weights(h[i], h[i - 1], h[i - 2] if k == 3 else None)
             rows[i, CX], rows[i, CH1], rows[i, CH2] = (alpha_s[i] * c).unbind()
+    return rows
+
+
+def _unipc_b(h: float, order: int) -> tuple[float, float, list[float]]:
+    """UniPC's h phi_1 = e^(-h) - 1, B(h) = e^(-h) - 1 (the "bh2" choice) and the right-hand side b_k =
+    h phi_(k+1) k! / B(h) of its order conditions (data prediction: hh = -h)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1.0
+    fact, b = 1.0, []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * fact / h_phi_1)
+        fact *= k + 1
+        h_phi_k = h_phi_k / hh - 1.0 / fact
+    return h_phi_1, h_phi_1, b
+
+
+def _unipc_rows(rows: torch.Tensor, ell: torch.Tensor, alpha_s, sigma_s, sigma_t, order: list[int]) -> torch.Tensor:
+    """UniPC-2 (predictor UniP-2 and corrector UniC, bh2, data prediction) as one linear update per step.
+
+    At step i the model output m_i at the predicted z_i first corrects z_i (UniC for the step i-1 -> i, using
+    m_i, m_{i-1}, m_{i-2}; no extra model call), then UniP predicts z_{i+1} from the corrected z_i with m_i, m_{i-1}.
+    The corrector and the predictor share the same exponential-integrator part, so the corrected z_i is the
+    predicted one plus a combination of m_i, m_{i-1}, m_{i-2}: the whole step is z_{i+1} = c_z z_i + c_x m_i +
+    c_h1 m_{i-1} + c_h2 m_{i-2}, the fused update's form with two history buffers. Weights below are over
+    (m_i, m_{i-1}, m_{i-2})."""
+    ell = ell.tolist()
+    for i, p in enumerate(order):
+        a_next = float(alpha_s[i])
+        c = float(sigma_s[i] / sigma_t[i])
+        h = ell[i + 1] - ell[i]
+        h_phi_1, B_h, _ = _unipc_b(h, p)
+        w = [-a_next * h_phi_1, 0.0, 0.0]  # exponential-integrator part: alpha_s (1 - e^(-h)) m_i
+        if p == 2:  # D1 = (m_{i-1} - m_i) / rk, rho_p = 1/2
+            rk = (ell[i - 1] - ell[i]) / h
+            w[0] -= a_next * B_h * 0.5 * (-1.0 / rk)
+            w[1] -= a_next * B_h * 0.5 * (1.0 / rk)
+        if i >= 1:  # UniC for the step i-1 -> i, of the order that step's predictor had
+            q = order[i - 1]
+            a_i = float(rows[i, ALPHA])
+            h1 = ell[i] - ell[i - 1]
+            _, B1, b1 = _unipc_b(h1, q)
+            corr = [0.0, 0.0, 0.0]
+            if q == 1:
+                rho_c = [0.5]
+            else:
+                rk1 = (ell[i - 2] - ell[i - 1]) / h1
+                R = torch.tensor([[1.0, 1.0], [rk1, 1.0]], dtype=torch.float64)
+                rho_c = torch.linalg.solve(R, torch.tensor(b1, dtype=torch.float64)).tolist()
+                d1 = [0.0, -1.0 / rk1, 1.0 / rk1]  # D1' = (m_{i-2} - m_{i-1}) / rk1
+                corr = [(0.5 - rho_c[0]) * v for v in d1]  # the predictor used rho_p = 1/2 on it
+            corr[0] -= rho_c[-1]
+            corr[1] += rho_c[-1]  # - rho_c (m_i - m_{i-1})
+            w = [wk + c * a_i * B1 * ck for wk, ck in zip(w, corr)]
+        rows[i, CZ] = c
+        rows[i, CX], rows[i, CH1], rows[i, CH2] = w
     return rows
 
 
