@@ -96,8 +96,9 @@ def header(env: dict, quick: bool, repeats: int) -> str:
         where = f"{env['device']}, driver {env.get('driver') or '?'}, CUDA {env.get('cuda')}"
     else:
         # No CUDA version here: the one torch was built for is in the JSON (torch_cuda_build), not a device fact.
-        where = (f"{env['device']}, {env.get('cpu_count')} cores, {env.get('threads')} torch threads; no CUDA GPU "
-                 "visible")
+        n = env.get("threads")
+        where = (f"{env['device']}, {env.get('cpu_count')} cores, {n} torch thread{'' if n == 1 else 's'}; "
+                 "no CUDA GPU visible")
     versions = (f"torch {env['torch']}, triton {env.get('triton') or 'not installed'}, "
                 f"{'--quick, ' if quick else ''}at least {repeats} repeats per timing, {env['date']}")
     return "\n".join(textwrap.wrap(f"vdm-fast bench on {where}", WIDTH) + [versions])

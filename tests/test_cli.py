@@ -174,6 +174,29 @@ def test_sample_writes_gif_and_strip_with_progress_lines(run_dir, tmp_path):
     assert (tmp_path / "q.png").is_file()
 
 
+def test_ctrl_c_while_sampling_is_one_line_and_exit_130(run_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    env = dict(os.environ, VDM_FAST_PROGRESS_SECONDS="0")
+    proc = subprocess.Popen([sys.executable, "-m", "vdm_fast", "sample", "--run", str(run_dir), "--steps", "100000",
+                             "--num", "1", "--threads", "1", "--out", str(tmp_path / "x.gif")], env=env,
+                            cwd=tempfile.gettempdir(), stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until sampling has started
+            if line.startswith("sampling: 1/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+    assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "vdm-fast sample: interrupted"
+    assert not (tmp_path / "x.gif").exists()
+
+
 def test_bench_quick_on_cpu_writes_json(tmp_path):
     proc = _run("bench", "--quick", "--filter", "rel_pos_bias", "--repeats", "3", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
