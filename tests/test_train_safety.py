@@ -85,6 +85,26 @@ def test_diverging_run_stops_before_saving_and_keeps_the_newest_finite_checkpoin
     assert [r["step"] for r in _log(out)] == [1, 2, 3, 4, 5, 6]  # the non-finite rows are logged
 
 
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    from vdm_fast.train import Trainer
+
+    t = Trainer(TrainConfig(out=str(tmp_path / "w"), steps=4, **TINY))  # saves at step 3
+    real = t.train_step
+
+    def step(batch, i):
+        out = real(batch, i)
+        if i == 1:  # after step 2: an update that overflowed the weights themselves
+            with torch.no_grad():
+                t.model.conv_out.bias.fill_(float("inf"))
+        return out
+
+    t.train_step = step
+    with pytest.raises(TrainingDiverged, match="weights are no longer finite"):
+        t.run()
+    t.close(clean=False)
+    assert not (tmp_path / "w" / "checkpoints").exists() or not ckpt.exists(tmp_path / "w")
+
+
 def test_max_nonfinite_steps_option(tmp_path, monkeypatch):
     _nan_at(monkeypatch, {1})
     with pytest.raises(TrainingDiverged, match="1 steps in a row"):

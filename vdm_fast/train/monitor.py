@@ -32,13 +32,6 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _newest_checkpoint(out: Path) -> str:
-    try:
-        return str(ckpt.find(out))
-    except (FileNotFoundError, ValueError):
-        return ""
-
-
 class Monitor:
     def __init__(self, cfg: TrainConfig, d: Dist, out: Path):
         self.cfg, self.d, self.out = cfg, d, out
@@ -46,6 +39,12 @@ class Monitor:
         self.bad_files: dict[str, str] = {}
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.new_bad: list[str] = []
+
+    def newest_checkpoint(self) -> str:
+        try:
+            return str(ckpt.find(self.out))
+        except (FileNotFoundError, ValueError):
+            return ""
 
     # ---- bad data -------------------------------------------------------------------------------------------------
     def check_batch(self, batch: dict, step: int) -> None:
@@ -80,7 +79,7 @@ class Monitor:
                 _say(f"step {step}: non-finite {what}: update skipped ({self.in_a_row} in a row; the run stops at "
                      f"--max-nonfinite-steps {n})")
             return
-        newest = _newest_checkpoint(self.out) if self.d.main else ""
+        newest = self.newest_checkpoint() if self.d.main else ""
         kept = f"the newest checkpoint, {newest}, is finite" if newest else "no checkpoint was written"
         raise TrainingDiverged(f"step {step}: non-finite {what} for {n} steps in a row (--max-nonfinite-steps {n}): "
                                f"stopped without saving; {kept}. Lower --lr or set --grad-clip, then --resume")

@@ -123,6 +123,13 @@ class Trainer:
                 "train": dataclasses.asdict(cfg)}
 
     def save(self) -> Path | None:
+        # Every rank checks (the weights are the same on all), so all stop together instead of rank 0 alone.
+        modules = [("weights", self.model)] + ([("EMA weights", self.ema.module)] if self.ema else [])
+        for what, m in modules:
+            if not all(bool(torch.isfinite(p).all()) for p in m.state_dict().values() if p.is_floating_point()):
+                raise TrainingDiverged(f"step {self.step}: the {what} are no longer finite although the loss and "
+                                       f"gradient norm were: not saved; the newest checkpoint is "
+                                       f"{self.monitor.newest_checkpoint() or 'none'}. Lower --lr, then --resume")
         path = resume.save(self)
         if path is not None and (self.step >= self.cfg.steps or time.time() - self._last_plot > 60):
             plot_losses(self.out / run_dir.LOG, self.out / LOSS_PNG)  # matplotlib takes ~1 s: not too often
