@@ -761,3 +761,17 @@ def test_property_valid_result_or_named_error():
         assert time.perf_counter() - t0 < 10
 
     check()
+
+
+@pytest.mark.parametrize("prediction", PREDS)
+def test_widest_logsnr_range_stays_sane(prediction):
+    """logsnr in [-30, 30], the widest the schedule takes (fp32 limit): every sampler still reproduces the data's
+    mean and std (beyond, fp32 rounding divided by alpha or sigma would swamp the data)."""
+    from vdm_fast.diffusion.schedule import MAX_ABS_LOGSNR
+
+    d = GaussianDiffusion(GaussianOracle(prediction, mean=MU, std=SD), prediction=prediction,
+                          logsnr_min=-MAX_ABS_LOGSNR, logsnr_max=MAX_ABS_LOGSNR)
+    for sampler in S.SAMPLERS:
+        x = d.sample((4096, 1, 1, 1, 1), steps=40, sampler=sampler, clip=False, generator=_gen(), progress=False)
+        mean, std = x.double().mean().item(), x.double().std().item()
+        assert abs(mean - MU) < 0.05 and abs(std - SD) < 0.06, (sampler, mean, std)
