@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from vdm_fast import run_dir
+from vdm_fast._cli import check_device
 from vdm_fast.data import GlobalBatchSampler, TrainingItems, make_dataset, make_image_source
 from vdm_fast.diffusion import GaussianDiffusion
 from vdm_fast.model import Unet3D
@@ -60,6 +61,7 @@ class Trainer:
 
     def _setup(self, given) -> None:
         main = int(os.environ.get("RANK", "0")) == 0  # before the process group exists
+        check_device(self.cfg.device)  # before the run folder is claimed (pick_device checks the resumed one)
         if main:
             self.lock = resume.claim(self.out)
         resume.prepare_new_run(self.out, self.cfg, main=main)
