@@ -170,7 +170,7 @@ def test_sample_writes_gif_and_strip_with_progress_lines(run_dir, tmp_path):
     proc = _run("sample", "--run", str(run_dir), "--num", "1", "--steps", "2", "--threads", "1", "--no-progress",
                 "--out", str(tmp_path / "q.png"), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "sampling:" not in proc.stderr and "sampled 1 videos of 4 frames" in proc.stderr
+    assert "sampling:" not in proc.stderr and "sampled 1 video of 4 frames" in proc.stderr
     assert (tmp_path / "q.png").is_file()
 
 

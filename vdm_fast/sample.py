@@ -242,8 +242,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.strip and total > args.strip_frames:
         print(f"{written[-1]}: the strip shows {args.strip_frames} of the {total} frames, evenly spaced "
               f"(--strip-frames {total} shows all)", file=sys.stderr)
-    print(f"sampled {args.num} videos of {total} frames in {seconds:.1f} s; wrote {', '.join(map(str, written))}",
-          file=sys.stderr)
+    print(f"sampled {args.num} video{'' if args.num == 1 else 's'} of {total} frames in {seconds:.1f} s; wrote "
+          f"{', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 
