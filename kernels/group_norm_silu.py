@@ -51,10 +51,16 @@ from vdm_fast.reference.group_norm_silu import memory_format
 
 # opt_flags bits: which optional inputs are present, and the activation.
 OPT_W, OPT_B, OPT_SCALE, OPT_SHIFT, OPT_SILU = 1, 2, 4, 8, 16
-ONCHIP_MAX = 32768  # forward: a row up to this many (padded) elements is held in registers
-ONCHIP_MAX_BWD = 16384  # backward: x and dy tiles of the row
-ELEMS_PER_THREAD = 32  # on-chip tiles: warps = tile / (32 * this), at most MAX_WARPS
-MAX_WARPS = 32
+# A row up to this many (padded) elements is held in registers: forward, 16-bit data with at most 16 channels a tile
+# (half of it for fp32 or wider tiles); backward (x and dy), at most 8 channels a tile (half for wider). The limits
+# are where sm_90 compiles of the U-Net cases stop spilling (kernels/notes/group_norm_silu.md).
+ONCHIP_MAX = 32768
+ONCHIP_MAX_BWD = 16384
+# On-chip tiles: warps = tile / (32 * elements per thread), at most MAX_WARPS. sm_90 compiles of the real
+# specialization (kernels/notes/group_norm_silu.md): 64 fp32 values a thread forward, 32 of x and 32 of dy backward
+# fit 128-255 registers without spills; 32 warps (64 registers at most) spilled hundreds of times.
+ELEMS_PER_THREAD, ELEMS_PER_THREAD_BWD = 64, 32
+MAX_WARPS = 16
 STREAM_TILE = 4096  # streaming paths: elements per tile
 STREAM_WARPS = 8
 MAX_BLOCK_C = 1024  # wider groups (GroupNorm(1, C) of huge C) loop over channel blocks
@@ -143,8 +149,7 @@ def _act_grad(dy, z, opt_flags):
 def _channels(c0, cw, group_channels, CW_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
     """Channel block c0: local channels c, their mask, and each one's group within the row's group block."""
     c = c0 + tl.arange(0, BLOCK_C)
-    cmask = c < tl.multiple_of(cw, CW_ALIGN)
-    return c, cmask, c // group_channels
+    return c, c < cw, c // group_channels
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -239,7 +244,9 @@ def _fwd_kernel(
     n_chunks) chunk means, then M2s (phases 1, 2). phase: 0 whole rows, 1 chunk statistics, 2 merge and normalize.
     rows [row_begin, row_end) run: one launch, or one wave of rows whose bytes fit in half the L2.
     """
-    cw = GPP * group_channels
+    # The group block's width, provably a multiple of CW_ALIGN (maximum() gives the hint an operation to sit on: it is
+    # cw itself, as CW_ALIGN divides cw): aligned group offsets and constant channel masks, so 128-bit accesses.
+    cw = tl.multiple_of(tl.maximum(GPP * group_channels, CW_ALIGN), CW_ALIGN)
     n_row = (group_channels * n_positions).to(tl.float32)
     chunk = tl.program_id(1)
     s_lo = chunk * chunk_positions
@@ -335,7 +342,9 @@ def _bwd_kernel(
     parameter gradients. rowsum (rows, 2, n_chunks): per chunk, sums of g, then of g * xhat (phases 1, 2).
     phase 0 (or ONCHIP): whole rows; phase 1: chunk sums; phase 2: merge a row's chunk sums, then dx of the chunk.
     """
-    cw = GPP * group_channels
+    # The group block's width, provably a multiple of CW_ALIGN (maximum() gives the hint an operation to sit on: it is
+    # cw itself, as CW_ALIGN divides cw): aligned group offsets and constant channel masks, so 128-bit accesses.
+    cw = tl.multiple_of(tl.maximum(GPP * group_channels, CW_ALIGN), CW_ALIGN)
     C = group_blocks * cw
     n_row = (group_channels * n_positions).to(tl.float32)
     chunk = tl.program_id(1)
@@ -554,8 +563,9 @@ def _pow2_dividing(n: int, cap: int = 16) -> int:
     return p
 
 
-def _warps(tile: int) -> int:
-    return max(1, min(MAX_WARPS, next_pow2(max(1, tile // (32 * ELEMS_PER_THREAD)))))
+def _warps(tile: int, backward: bool) -> int:
+    per_thread = ELEMS_PER_THREAD_BWD if backward else ELEMS_PER_THREAD
+    return max(1, min(MAX_WARPS, next_pow2(max(1, tile // (32 * per_thread)))))
 
 
 def _groups_per_program(Cg: int, G: int, elem: int, cl: bool) -> int:
@@ -571,7 +581,7 @@ def _groups_per_program(Cg: int, G: int, elem: int, cl: bool) -> int:
 def _make_plan(shape, strides, dtype, num_groups: int, per_frame: bool, device: torch.device, backward: bool) -> Plan:
     probe = torch.empty(0, device="meta").as_strided(shape, strides)
     fmt = memory_format(probe)
-    out_strides = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=fmt).stride()
+    out_strides = out_layout(shape, strides, fmt)
     same = all(n == 1 or a == b for n, a, b in zip(shape, strides, out_strides))
     lay = _rows_layout(shape, out_strides, per_frame)
     assert lay is not None, (shape, out_strides)
@@ -584,12 +594,14 @@ def _make_plan(shape, strides, dtype, num_groups: int, per_frame: bool, device: 
     int64 = span >= 2**31
     l2, sms = _device_limits(device)
     limit = ONCHIP_MAX_BWD if backward else ONCHIP_MAX
+    stream_tile = STREAM_TILE // 2 if backward else STREAM_TILE  # x and dy tiles: half the elements each
     tensors = 2 if backward else 1  # arrays a row sweep reads (x; x and dy)
 
     def tiles(gpp):
         cw = gpp * Cg
         bc = min(next_pow2(cw), MAX_BLOCK_C)
-        return cw, bc, next_pow2(cw) <= MAX_BLOCK_C and bc * next_pow2(S) <= limit
+        narrow = bc <= (8 if backward else 16) and (backward or (elem <= 2 and gpp == 1))
+        return cw, bc, next_pow2(cw) <= MAX_BLOCK_C and bc * next_pow2(S) <= (limit if narrow else limit // 2)
 
     gpp = _groups_per_program(Cg, G, elem, cl)
     cw, bc, onchip = tiles(gpp)
@@ -601,7 +613,7 @@ def _make_plan(shape, strides, dtype, num_groups: int, per_frame: bool, device: 
     phases, n_chunks, chunk_positions = (0,), 1, S
     if onchip:
         bs = next_pow2(S)
-        warps = _warps(bc * bs)
+        warps = _warps(bc * bs, backward)
         launches = (_Launch((rows, 1), 0, rows),)
     else:
         if gpp > 1 and rows < TARGET_PROGRAMS:  # streaming anyway: one group per program makes more programs
@@ -618,14 +630,14 @@ def _make_plan(shape, strides, dtype, num_groups: int, per_frame: bool, device: 
             rows = B * G * F
             row_bytes = tensors * cw * S * elem
             phases = (1, 2)
-            bs_ = min(max(1, STREAM_TILE // bc), next_pow2(S))
+            bs_ = min(max(1, stream_tile // bc), next_pow2(S))
             n_chunks = max(1, min(cdiv(TARGET_PROGRAMS, max(rows, 1)), MAX_CHUNKS, cdiv(S, bs_)))
             chunk_positions = cdiv(cdiv(S, n_chunks), bs_) * bs_
             n_chunks = cdiv(S, chunk_positions)
             wave = max(1, (l2 // 2) // max(row_bytes, 1))
             launches = tuple(_Launch((min(wave, rows - r0), n_chunks), r0, min(rows, r0 + wave))
                              for r0 in range(0, rows, wave))
-        bs = min(max(1, STREAM_TILE // bc), next_pow2(S))
+        bs = min(max(1, stream_tile // bc), next_pow2(S))
         warps = STREAM_WARPS
     constexprs = dict(CL=cl, GPP=gpp, CW_ALIGN=_pow2_dividing(cw), BLOCK_C=bc, BLOCK_S=bs, ONCHIP=onchip,
                       INT64=int64, P_BLOCK=MAX_CHUNKS)
@@ -644,8 +656,14 @@ def plan(x: torch.Tensor, num_groups: int, per_frame: bool, backward: bool = Fal
     return p
 
 
+def out_layout(shape, strides, fmt: torch.memory_format) -> tuple[int, ...]:
+    """The strides of the outputs the launcher allocates (y, dx): compact in x's memory format. With `empty_out`,
+    the one place that decides it (the 64-bit test substitutes both: outputs sharing a huge-stride view's layout)."""
+    return torch.empty(shape, device="meta").contiguous(memory_format=fmt).stride()
+
+
 def empty_out(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """The launcher's allocation of y and dx (a module attribute: the 64-bit test substitutes huge-stride views)."""
+    """The launcher's allocation of y and dx, with the strides `out_layout` gives."""
     return torch.empty_like(x, memory_format=fmt)
 
 
