@@ -35,6 +35,7 @@ SAMPLER_HELP = {
     "dpmpp_2m": "DPM-Solver++(2M), deterministic, second order: good samples in few steps",
     "dpmpp_2m_sde": "DPM-Solver++(2M) SDE, stochastic, second order",
     "dpmpp_3m": "DPM-Solver++(3M), deterministic, third order",
+    "unipc": "UniPC-2, deterministic predictor-corrector with no extra model call",
 }
 
 
