@@ -148,7 +148,7 @@ def _row(shape, dtype, contender, ms=None, baseline_ms=None, gbps=None, pct=None
 
 # (label, B, C, T, H, W, heads): the U-Net's attention levels at base 128 (C = 256, 16x16) and base 256 (C = 512,
 # 8x8), T = 16, d = 64; fp32 on CPU (the copies do not depend on the dtype's size relative to the input's).
-COPY_SHAPES = [("B1 C256 T16 16x16 h4", 1, 256, 16, 16, 16, 4), ("B1 C512 T16 8x8 h8", 1, 512, 16, 8, 8, 8)]
+COPY_SHAPES = [("B2 C256 T16 16x16 h4", 2, 256, 16, 16, 16, 4), ("B2 C512 T16 8x8 h8", 2, 512, 16, 8, 8, 8)]
 
 
 def copy_rows(quick: bool) -> list[dict]:

@@ -429,6 +429,9 @@ def backward(plan: Plan, grad_out, do_strides: tuple, q, k, v, out, lse, bias, m
     Each program writes one bias partial (T, T); they are summed per (sample, head) in a fixed order (torch.sum), in
     launches of at most MAX_PARTIAL_ELEMENTS partial elements, so the scratch stays bounded whatever N is.
     """
+    # The kernel addresses out, lse and the gradient buffer by the layout this module allocates them in (no strides
+    # passed): out and lse must be the forward's own, unchanged.
+    assert (out.transpose(1, 2) if plan.out_view else out).is_contiguous() and lse.is_contiguous(), "not forward's"
     grads = torch.empty(plan.grad_shape, dtype=q.dtype, device=q.device)
     bias_grad = bias_grad and bias is not None
     partials = torch.empty(plan.partials_shape if bias_grad else (1,), dtype=torch.float32, device=q.device)
@@ -457,7 +460,8 @@ def _sum_partials(plan: Plan, partials: torch.Tensor, samples: int) -> torch.Ten
     """(samples, heads, T, T) per-sample sums or (1, heads, T, T) for a shared bias, of `samples` whole samples'
     partials (program order: sample, sequence block, head)."""
     heads, frames = plan.heads, plan.frames
-    rows = partials[: samples * plan.seq_blocks * heads]
+    count = samples * plan.seq_blocks * heads
+    rows = partials if partials.shape[0] == count else partials[:count]
     if plan.bias_batch == 1:
         return rows.view(-1, heads, frames, frames).sum(0, keepdim=True)
     return rows.view(samples, plan.seq_blocks, heads, frames, frames).sum(1)
@@ -534,8 +538,8 @@ def compile_configs(full: bool = False):
                     headline = bt == 16 and bd == 64 and dtype != torch.float32
                     if full or headline or (dtype != torch.float16 and flags == (True, True)):
                         wanted.append((dtype, bt, bd, flags, False))
-                    if headline and flags[1] is False:  # the layer: packed qkv, bias, with and without the mask
-                        wanted.append((dtype, bt, bd, (True, True), True))
+                    if headline and flags[0]:  # the layer: packed qkv and a bias, with and without the mask
+                        wanted.append((dtype, bt, bd, flags, True))
     configs = []
     for dtype, bt, bd, (has_bias, has_mask), packed in wanted:
         common = dict(D=bd, BT=bt, BD=bd, PACKED=packed, HAS_BIAS=has_bias, HAS_MASK=has_mask, PREC=_prec(dtype),

@@ -16,7 +16,9 @@ class SpatialAttention(nn.Module):
 
     Copies: for channels_last_3d input (what Unet3D runs) x's memory is (B*T, H*W, C) as is. q, k and v are
     projected with the three row blocks of to_qkv's weight (views) rather than split from one qkv output, whose
-    backward would stack dq, dk, dv into a new buffer; the result comes back as a channels_last_3d view.
+    backward would stack dq, dk, dv into a new buffer (the weight gradient's three blocks are concatenated instead:
+    3 * inner * C elements); the result comes back as a channels_last_3d view. Contiguous input with B > 1 is
+    copied once into that frame-major order.
     """
 
     def __init__(self, dim: int, heads: int | None = None, dim_head: int = 64):

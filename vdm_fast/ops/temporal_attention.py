@@ -322,7 +322,9 @@ def _dbias(dbias, bias, repeat):
     """The kernel's fp32 (plan samples, heads, T, T) bias gradient in bias's shape and dtype."""
     if repeat > 1:
         dbias = dbias.view(-1, repeat, *dbias.shape[1:]).sum(1)
-    return dbias.view(bias.shape).to(bias.dtype)
+    if dbias.dim() != bias.dim():
+        dbias = dbias.view(bias.shape)
+    return dbias if dbias.dtype == bias.dtype else dbias.to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- eager autograd
@@ -359,14 +361,14 @@ class _PackedAttention(torch.autograd.Function):
     def forward(ctx, qkv, bias, mask, mask_in, entry):
         kern = entry.launcher()
         out, lse = kern.forward(entry.plan(), qkv, qkv, qkv, bias, mask_in)
-        ctx.save_for_backward(qkv, bias, mask, mask_in, out, lse)
-        ctx.entry = entry
+        ctx.save_for_backward(qkv, bias, out, lse)
+        ctx.entry, ctx.mask, ctx.mask_in = entry, mask, mask_in  # no gradient: plain attributes
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, bias, mask, mask_in, out, lse = ctx.saved_tensors
-        entry = ctx.entry
+        qkv, bias, out, lse = ctx.saved_tensors
+        entry, mask, mask_in = ctx.entry, ctx.mask, ctx.mask_in
         plan = entry.plan()
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through the reference
             dqkv, dbias = _reference_grads(
