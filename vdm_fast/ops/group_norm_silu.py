@@ -89,7 +89,10 @@ def _fused(x, num_groups, weight, bias, eps, scale, shift, silu, per_frame, impl
                                                   impl)[0]
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
                                                            for t in (weight, bias, scale, shift))):
-        return _GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu, per_frame)
+        # Function.apply's Python wrapper only unwraps functorch's dead wrappers: the C apply directly unless a
+        # functorch transform (vmap, grad) is active.
+        apply = _GroupNormSiLU.apply if torch._C._are_functorch_transforms_active() else _APPLY
+        return apply(x, weight, bias, scale, shift, num_groups, eps, silu, per_frame)
     return _kernels().forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame)[0]
 
 
@@ -187,3 +190,4 @@ def _backward(ctx, dy, _dstats):
 
 
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+_APPLY = super(torch.autograd.Function, _GroupNormSiLU).apply  # torch._C._FunctionBase.apply, bound to the class
