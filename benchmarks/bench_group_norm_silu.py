@@ -1,8 +1,11 @@
 """group_norm_silu: the fused Triton kernels against eager PyTorch and torch.compile of the same, forward and backward.
 
 Eager: F.group_norm + FiLM + F.silu (per-frame statistics as the frames folded into the batch, which copies unless x is
-channels_last_3d). Bytes counted for the forward: x read once + y written once; for the backward: x and dy read once
-+ dx written once (the floor; the parameter gradients are negligible).
+channels_last_3d). Peers: Liger-Kernel's Triton GroupNorm (`pip install liger-kernel`; optional) with the FiLM and SiLU
+left to eager PyTorch, as a user of it would write (its input must be contiguous (B, G, -1): channels_last and
+per-frame folding copy first): the row's contender name says so. Bytes counted for the forward: x read once + y
+written once; for the backward: x and dy read once + dx written once (the floor; the parameter gradients are
+negligible).
 """
 
 from __future__ import annotations
@@ -38,6 +41,28 @@ def eager(x, num_groups, weight, bias, scale, shift, per_frame):
     return F.silu(y * (1 + scale.view(view)) + shift.view(view))
 
 
+def _liger(num_groups, per_frame):
+    """Liger-Kernel's GroupNorm (when installed) plus the eager remainder, or None."""
+    try:
+        from liger_kernel.ops.group_norm import LigerGroupNormFunction
+    except ImportError:
+        return None
+
+    def fn(x, weight, bias, scale, shift):
+        B, C = x.shape[:2]
+        if per_frame and x.dim() == 5:
+            T = x.shape[2]
+            frames = x.transpose(1, 2).reshape(B * T, C, *x.shape[3:]).contiguous()
+            y = LigerGroupNormFunction.apply(frames, weight, bias, C, num_groups, 1e-5)
+            y = y.reshape(B, T, C, *x.shape[3:]).transpose(1, 2)
+        else:
+            y = LigerGroupNormFunction.apply(x.contiguous(), weight, bias, C, num_groups, 1e-5).view(x.shape)
+        view = (B, C) + (1,) * (x.dim() - 2)
+        return F.silu(y * (1 + scale.view(view)) + shift.view(view))
+
+    return fn
+
+
 def _inputs(shape, channels_last, dtype, device):
     B, C = shape[:2]
     x = torch.randn(shape, device=device, dtype=dtype)
@@ -71,6 +96,9 @@ def _bench(shape, num_groups, per_frame, channels_last, quick, copy_bw) -> list[
 
     compiled = torch.compile(plain)
     contenders = {"vdm_fast (triton)": ours, "eager": plain, "torch.compile": compiled}
+    liger = _liger(num_groups, per_frame)
+    if liger is not None:
+        contenders["liger-kernel GroupNorm + eager FiLM/SiLU"] = liger
     y_ours = ours(*inputs)
     dy = torch.randn_like(y_ours)
     grads_ours = torch.autograd.grad(y_ours, inputs, dy)
