@@ -163,8 +163,8 @@ setup(
         "pillow>=9.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "ruff", "imageio>=2.30", "imageio-ffmpeg", "av",
-                 "matplotlib", "triton>=3.2; platform_system == 'Linux'"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6", "ruff", "imageio>=2.30",
+                 "imageio-ffmpeg", "av", "matplotlib", "triton>=3.2; platform_system == 'Linux'"],
         "gpu": ["triton>=3.2; platform_system == 'Linux'"],
         "video": ["imageio>=2.30", "imageio-ffmpeg", "av"],
         "plot": ["matplotlib"],
