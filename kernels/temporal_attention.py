@@ -352,8 +352,12 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _launch(kernel, grid: tuple[int], args: tuple, meta: dict) -> None:
-    """Every launch goes through here (tests and the host-path benchmark wrap or stub it)."""
-    kernel[grid](*args, **meta)
+    """Every launch goes through here (tests and the host-path benchmark wrap or stub it), on q's (args[0]) GPU."""
+    if args[0].is_cuda:
+        with device_guard(args[0]):
+            kernel[grid](*args, **meta)
+    else:  # the interpreter: no device to select (and no context manager to pay for)
+        kernel[grid](*args, **meta)
 
 
 class Plan:
@@ -367,7 +371,7 @@ class Plan:
 
     __slots__ = ("packed", "shape", "heads", "frames", "d", "dtype", "has_bias", "has_mask", "bias_batch",
                  "out_shape", "out_view", "grad_shape", "fwd_grid", "fwd_args", "fwd_meta", "bwd_args", "bwd_meta",
-                 "bwd_grid", "seq_blocks", "needs_delta", "partials_shape", "one_launch", "scale")
+                 "bwd_grid", "seq_blocks", "needs_delta", "partials_shape", "one_launch", "scale", "lse_shape")
 
     def __init__(self, *, packed: bool, batch: int, seqs: int, heads: int, frames: int, d: int, dtype: torch.dtype,
                  inputs: tuple, bias: tuple | None, mask: tuple | None, bias_batch: int, scale: float):
@@ -375,6 +379,7 @@ class Plan:
         self.packed, self.shape, self.heads, self.frames, self.d = packed, (batch, seqs), heads, frames, d
         self.dtype, self.has_bias, self.has_mask, self.bias_batch, self.scale = (
             dtype, bias is not None, mask is not None, bias_batch, scale)
+        self.lse_shape = (n, heads, frames)
         if packed:
             self.out_shape, self.out_view = (batch, frames, seqs, heads * d), None
             self.grad_shape = (batch, frames, seqs, 3 * heads * d)
@@ -412,13 +417,10 @@ class Plan:
 def forward(plan: Plan, q, k, v, bias, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """out (plan.out_shape, viewed (N, heads, T, d) for the 4-D API) and lse (N, heads, T) fp32."""
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
-    batch, seqs = plan.shape
-    lse = torch.empty((batch * seqs, plan.heads, plan.frames), dtype=torch.float32, device=q.device)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
     if out.numel():
-        with device_guard(q):
-            _launch(_fwd_kernel, plan.fwd_grid, (q, k, v, q if bias is None else bias,
-                                                 q if mask is None else mask, out, lse, *plan.fwd_args),
-                    plan.fwd_meta)
+        _launch(_fwd_kernel, plan.fwd_grid, (q, k, v, q if bias is None else bias, q if mask is None else mask, out,
+                                             lse, *plan.fwd_args), plan.fwd_meta)
     return (out.transpose(1, 2) if plan.out_view else out), lse
 
 
@@ -444,12 +446,11 @@ def backward(plan: Plan, grad_out, do_strides: tuple, q, k, v, out, lse, bias, m
             dbias = torch.zeros((plan.bias_batch, plan.heads, plan.frames, plan.frames), dtype=torch.float32,
                                 device=q.device)
     elif not bias_grad or plan.one_launch:
-        with device_guard(q):
-            _launch(_bwd_kernel, plan.bwd_grid, (*ptrs, *plan.bwd_args, 0, *do_strides), meta)
+        _launch(_bwd_kernel, plan.bwd_grid, (*ptrs, *plan.bwd_args, 0, *do_strides), meta)
         if bias_grad:
             dbias = _sum_partials(plan, partials, plan.shape[0])
     else:
-        with device_guard(q):
+        with device_guard(q):  # the partial sums between launches run on q's GPU too
             dbias = _backward_in_chunks(plan, ptrs, do_strides, meta, partials)
     if not plan.packed:
         grads = grads.transpose(2, 3)  # (3, N, heads, T, d) views of (3, N, T, heads, d) memory
