@@ -62,7 +62,7 @@ ONCHIP_MAX_BWD = 16384
 ELEMS_PER_THREAD, ELEMS_PER_THREAD_BWD = 64, 32
 MAX_WARPS = 16
 STREAM_TILE = 4096  # streaming paths: elements per tile
-STREAM_WARPS = 8
+STREAM_WARPS = 8  # 4 warps: more streaming configs spilled on sm_90 (6 vs 2; notes)
 MAX_BLOCK_C = 1024  # wider groups (GroupNorm(1, C) of huge C) loop over channel blocks
 MAX_CHUNKS = 256  # chunks per row, and the width of the vector the row's partials are merged with
 TARGET_PROGRAMS = 528  # 4 programs per SM on a 132-SM GPU: fewer rows than this are cut into chunks
@@ -573,8 +573,8 @@ def _groups_per_program(Cg: int, G: int, elem: int, cl: bool) -> int:
     if not cl:
         return 1
     p = 1
-    while (p * Cg * elem) % 16 and p < 8 and G % (2 * p) == 0:
-        p *= 2
+    while (p * Cg * elem) % 16 and p < 8 and G % (2 * p) == 0 and next_pow2(2 * p * Cg) <= MAX_BLOCK_C:
+        p *= 2  # a group block must be one channel block: the kernels reduce its groups within the tile
     return p if (p * Cg * elem) % 16 == 0 else 1
 
 
@@ -639,6 +639,7 @@ def _make_plan(shape, strides, dtype, num_groups: int, per_frame: bool, device: 
                              for r0 in range(0, rows, wave))
         bs = min(max(1, stream_tile // bc), next_pow2(S))
         warps = STREAM_WARPS
+    assert gpp == 1 or next_pow2(cw) <= MAX_BLOCK_C, "a group block of several groups is one channel block"
     constexprs = dict(CL=cl, GPP=gpp, CW_ALIGN=_pow2_dividing(cw), BLOCK_C=bc, BLOCK_S=bs, ONCHIP=onchip,
                       INT64=int64, P_BLOCK=MAX_CHUNKS)
     return Plan(fmt=fmt, strides=tuple(out_strides), copy_x=not same, stats_shape=(B, G, F, 2), rows=rows,

@@ -187,7 +187,7 @@ def test_chunked_path_matches_reference(small_tiles, shape, G, per_frame, fmt, d
     _check(x, G, per_frame)
 
 
-@pytest.mark.parametrize("shape,G,per_frame,fmt,dtype", [((2, 24, 2, 3, 4), 4, True, True, torch.bfloat16),
+@pytest.mark.parametrize("shape,G,per_frame,fmt,dtype", [((2, 16, 2, 3, 4), 4, True, True, torch.bfloat16),
                                                          ((4, 64, 3, 3), 1, False, False, torch.float16)])
 def test_two_sweep_persistent_path_matches_reference(monkeypatch, shape, G, per_frame, fmt, dtype):
     """Rows too long for a tile, rows enough: a persistent grid smaller than the row count (L2-bounded), each
@@ -198,6 +198,7 @@ def test_two_sweep_persistent_path_matches_reference(monkeypatch, shape, G, per_
                  MAX_BLOCK_C=16)
     row_bytes = x[0].numel() * x[0].element_size() // k.plan(x[0], G, per_frame).rows
     _fresh_plans(k, monkeypatch, L2_BYTES=4 * row_bytes)  # 2 rows resident forward, 1 backward (x and dy)
+    assert k.plan(x[0], G, per_frame).constexprs["GPP"] == (2 if fmt else 1)  # bf16 4 channels: 2 groups a program
     for backward in (False, True):
         p = k.plan(x[0], G, per_frame, backward)
         assert p.phases == (0,) and not p.constexprs["ONCHIP"] and len(p.launches) == 1
