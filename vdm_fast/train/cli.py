@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(g, "--gradient-checkpointing", "gradient_checkpointing",
          "recompute each block's activations in backward (less memory, ~30%% more compute; same gradients)")
     flag(g, "--compile", "compile", "torch.compile the model (Inductor; the first steps compile)")
+    flag(g, "--fsdp", "fsdp", "shard weights, gradients, AdamW state and EMA over the torchrun processes (FSDP2, "
+         "torch >= 2.6) instead of DDP: 20P/N bytes per GPU instead of 20P, for models whose optimizer state does not "
+         "fit one GPU; same checkpoints, exact --resume")
     g = p.add_argument_group("data")
     opt(g, "--data", "data", str, "'bouncing' (generated on the fly) or a folder of videos / directories of frames")
     opt(g, "--frames", "frames", pos, "frames per clip", "the preset's")

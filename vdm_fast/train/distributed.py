@@ -35,18 +35,23 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device_kind: str, timeout: float = 300.0) -> Dist:
-    """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT); single process otherwise."""
+def setup_distributed(device_kind: str, timeout: float = 300.0, *, group_of_one: bool = False) -> Dist:
+    """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT); single process otherwise.
+    `group_of_one`: a single process still forms a (1-process, in-memory) group, for FSDP's collectives."""
     local = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_available() and dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), local, timeout=timeout)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not group_of_one:
         return Dist(timeout=timeout)
     if device_kind == "cuda":  # NCCL wants each process on its own GPU before the group forms
         torch.cuda.set_device(local)
     backend = "nccl" if device_kind == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
+    limit = datetime.timedelta(seconds=timeout)
+    if world <= 1:  # no rendezvous to make: an in-process store, no port, no environment needed
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=limit)
+    else:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=limit)
     return Dist(dist.get_rank(), dist.get_world_size(), local, owns_group=True, timeout=timeout)
 
 

@@ -9,6 +9,7 @@
   a silent reset, unless `--reset-optimizer` (Adam restarts; the EMA restarts from the weights if it is missing).
 - A checkpoint holds everything the exact trajectory needs: weights, EMA, optimizer, GradScaler, every rank's RNG
   states, the step (hence the data stream's position), the training time so far, the skipped steps and bad files.
+  Under --fsdp the same files, gathered from the shards (train.fsdp): a checkpoint resumes with or without it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from vdm_fast import checkpoint as ckpt
 from vdm_fast import run_dir
+from vdm_fast.train import fsdp
 from vdm_fast.train.config import TrainConfig, merge_resumed
 from vdm_fast.train.distributed import gather_rng
 from vdm_fast.train.logs import LOSS_PNG
@@ -96,7 +98,8 @@ def load(trainer, path: Path) -> None:
     parts = ("model", "ema", "state") if cfg.reset_optimizer else ckpt.PARTS
     allow = ("ema",) if cfg.reset_optimizer else ()
     try:
-        c = ckpt.load(path, map_location=trainer.device, parts=parts, allow_missing=allow)
+        # Under FSDP on the CPU: a full copy of the optimizer state on every GPU is what sharding avoids.
+        c = ckpt.load(path, map_location="cpu" if cfg.fsdp else trainer.device, parts=parts, allow_missing=allow)
     except ckpt.CheckpointError as e:
         if "lacks its optimizer" in str(e) or "lacks its ema" in str(e):
             hint = "; --reset-optimizer resumes without it"
@@ -105,17 +108,17 @@ def load(trainer, path: Path) -> None:
         else:
             hint = ""
         raise ckpt.CheckpointError(f"{str(e).split('; pass allow_missing')[0]}{hint}") from None
-    trainer.model.load_state_dict(c.model)
+    fsdp.load_model_state(trainer.model, c.model)
     saved_cfg = c.config.get("train", {})
     if c.optimizer is not None and not cfg.reset_optimizer:
-        trainer.optimizer.load_state_dict(c.optimizer)
+        fsdp.load_optimizer_state(trainer.model, trainer.optimizer, c.optimizer)
     elif not cfg.reset_optimizer:
         raise ckpt.CheckpointError(f"{str(path)!r} holds no optimizer state: --reset-optimizer starts AdamW afresh")
     if trainer.ema is not None:
         if c.ema is None and saved_cfg.get("ema_decay", 0) > 0 and not cfg.reset_optimizer:
             raise ckpt.CheckpointError(f"{str(path)!r} holds no EMA weights although the run kept an EMA: "
                                        "--reset-optimizer restarts the EMA from the weights")
-        trainer.ema.module.load_state_dict(c.ema if c.ema is not None else c.model)
+        fsdp.load_model_state(trainer.ema.module, c.ema if c.ema is not None else c.model)
         trainer.ema.updates = int(c.state.get("ema_updates", c.step)) if c.ema is not None else 0
     if trainer.scaler is not None and "scaler" in c.state:
         trainer.scaler.load_state_dict(c.state["scaler"])
@@ -140,6 +143,10 @@ def load(trainer, path: Path) -> None:
 def save(trainer) -> Path | None:
     """Checkpoint the trainer's state (a collective: every rank calls it; rank 0 writes)."""
     rng = gather_rng(trainer.d)
+    # Under FSDP these gather the shards (collectives: every rank takes part; the full copies reach rank 0 only).
+    model = fsdp.model_state(trainer.model)
+    ema = fsdp.model_state(trainer.ema.module) if trainer.ema else None
+    optimizer = fsdp.optimizer_state(trainer.model, trainer.optimizer)
     if not trainer.d.main:
         return None
     cfg = trainer.cfg
@@ -152,6 +159,5 @@ def save(trainer) -> Path | None:
         state["scaler"] = trainer.scaler.state_dict()
     if trainer.log is not None:
         trainer.log.fsync()  # the rows up to this checkpoint survive a power loss with it
-    return ckpt.save(trainer.out, trainer.step, config=trainer.run_config(), model=trainer.model.state_dict(),
-                     ema=trainer.ema.module.state_dict() if trainer.ema else None,
-                     optimizer=trainer.optimizer.state_dict(), state=state, keep=cfg.keep)
+    return ckpt.save(trainer.out, trainer.step, config=trainer.run_config(), model=model, ema=ema,
+                     optimizer=optimizer, state=state, keep=cfg.keep)

@@ -9,9 +9,11 @@ from vdm_fast import sample as sampling
 from vdm_fast.diffusion import GaussianDiffusion
 
 
-def write_samples(trainer) -> None:
+def write_samples(trainer, module=None) -> None:
+    """`module`: the network to sample (default: the EMA copy, else the trained model; unsharded)."""
     cfg = trainer.cfg
-    module = trainer.ema.module if trainer.ema else trainer.model
+    if module is None:
+        module = trainer.ema.module if trainer.ema else trainer.model
     diffusion = GaussianDiffusion(module, prediction=cfg.prediction)
     c = trainer.model.config
     shape = (cfg.sample_num, c.in_channels, trainer.frames, c.image_size, c.image_size)

@@ -6,7 +6,8 @@ in the same order: the data stream does not change). Each micro-batch's loss is 
     grad = sum_k grad(loss_k) / K = grad(mean loss over the B examples)
 
 is the gradient of one K times larger step, to fp32 rounding (the sum runs in another order). Under DDP the inner
-micro-steps run in `no_sync()`: gradients are all-reduced once, with the last micro-batch's backward.
+micro-steps run in `no_sync()`: gradients are all-reduced once, with the last micro-batch's backward; under FSDP
+they run with `set_requires_gradient_sync(False)`: one reduce-scatter, with the last micro-batch's backward.
 
 Precision: fp32; bf16 autocast; fp16 autocast with a GradScaler (the loss is scaled up so that fp16 gradients do not
 underflow; a step whose unscaled gradients overflow is skipped by the scaler, which halves its scale; it is the
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vdm_fast.train import fsdp
 from vdm_fast.train.config import TrainConfig, lr_at
 from vdm_fast.train.distributed import Dist, all_min
 
@@ -60,6 +62,7 @@ class TrainStep:
         self.module, self.model, self.optimizer, self.ema, self.scaler = module, model, optimizer, ema, scaler
         self.num_classes, self.frames = num_classes, frames
         self.dtype = autocast_dtype(cfg, device)
+        self.sharded = fsdp.is_sharded(model)
 
     def _inputs(self, batch: dict, part: slice) -> tuple[tuple, dict]:
         cfg, dev = self.cfg, self.device
@@ -91,8 +94,10 @@ class TrainStep:
         for i in range(k):
             part = slice(i * n // k, (i + 1) * n // k)
             args, kw = self._inputs(batch, part)
-            inner = i < k - 1 and hasattr(self.module, "no_sync")
-            with self.module.no_sync() if inner else contextlib.nullcontext():
+            inner = i < k - 1
+            if self.sharded:  # FSDP: no reduce-scatter on the inner micro-steps (gradients accumulate unsharded)
+                self.model.set_requires_gradient_sync(not inner)
+            with self.module.no_sync() if inner and hasattr(self.module, "no_sync") else contextlib.nullcontext():
                 with self._autocast():
                     loss = self.module(*args, **kw)
                 losses.append(loss.detach().float())
@@ -103,7 +108,8 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
         # max_norm=inf multiplies by exactly 1: the norm comes for free, the gradients stay bitwise as they were.
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # Under FSDP the norm is a DTensor (over every rank's shards): its full value is the global norm.
+        norm = fsdp.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         ok = all_min(self.d, torch.stack([torch.isfinite(loss), torch.isfinite(norm)]).to(self.device).float())
         loss_ok, norm_ok = bool(ok[0]), bool(ok[1])
         if self.scaler is not None and loss_ok:

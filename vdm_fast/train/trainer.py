@@ -32,7 +32,7 @@ from vdm_fast._cli import check_device
 from vdm_fast.data import GlobalBatchSampler, TrainingItems, make_dataset, make_image_source
 from vdm_fast.diffusion import GaussianDiffusion
 from vdm_fast.model import Unet3D
-from vdm_fast.train import distributed, resume
+from vdm_fast.train import distributed, fsdp, resume
 from vdm_fast.train.config import TrainConfig, layout, model_config
 from vdm_fast.train.ema import EMA
 from vdm_fast.train.interrupts import StopSignals, ignore_in_workers
@@ -70,7 +70,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.d = distributed.setup_distributed(distributed.device_kind(cfg.device), cfg.ddp_timeout)
+        if cfg.fsdp:
+            fsdp.fully_shard_fn()  # this torch has FSDP2, else one line naming --fsdp
+        self.d = distributed.setup_distributed(distributed.device_kind(cfg.device), cfg.ddp_timeout,
+                                               group_of_one=cfg.fsdp)
         self.device = distributed.pick_device(cfg.device, self.d)
         if cfg.batch_size % (self.d.world_size * cfg.grad_accum):
             raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes "
@@ -90,10 +93,14 @@ class Trainer:
         self.frames = self.model.config.num_frames
         if cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if cfg.fsdp:  # in place, before the optimizer is built over the (now sharded) parameters
+            fsdp.shard(self.model, self.device)
+            if self.ema is not None:
+                fsdp.shard(self.ema.module, self.device)
         self.diffusion = GaussianDiffusion(self.model, prediction=cfg.prediction)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.scaler = make_scaler(cfg, self.device)
         self.step, self.time_offset = 0, 0.0
         self.monitor = Monitor(cfg, self.d, self.out)
@@ -105,7 +112,7 @@ class Trainer:
         # The compiled model shares the parameters; checkpoints and the EMA keep using the plain one.
         net = torch.compile(self.model) if cfg.compile else self.model
         self.train_module = GaussianDiffusion(net, prediction=cfg.prediction) if cfg.compile else self.diffusion
-        if self.d.world_size > 1:
+        if self.d.world_size > 1 and not cfg.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DDP(self.train_module, device_ids=ids)
         self.train_step = TrainStep(cfg, self.d, self.device, self.train_module, self.model, self.optimizer,
@@ -125,10 +132,13 @@ class Trainer:
                 "train": dataclasses.asdict(cfg)}
 
     def save(self) -> Path | None:
-        # Every rank checks (the weights are the same on all), so all stop together instead of rank 0 alone.
+        # Every rank checks its weights (all of them, or its FSDP shards) and all agree, so all stop together.
         modules = [("weights", self.model)] + ([("EMA weights", self.ema.module)] if self.ema else [])
-        for what, m in modules:
-            if not all(bool(torch.isfinite(p).all()) for p in m.state_dict().values() if p.is_floating_point()):
+        finite = [float(all(bool(torch.isfinite(fsdp.local(p)).all()) for p in m.state_dict().values()
+                            if p.is_floating_point())) for _, m in modules]
+        finite = distributed.all_min(self.d, torch.tensor(finite, device=self.device))
+        for (what, _), ok in zip(modules, finite.tolist()):
+            if not ok:
                 raise TrainingDiverged(f"step {self.step}: the {what} are no longer finite although the loss and "
                                        f"gradient norm were: not saved; the newest checkpoint is "
                                        f"{self.monitor.newest_checkpoint() or 'none'}. Lower --lr, then --resume")
@@ -195,8 +205,8 @@ class Trainer:
                                  f"--out {self.out} --resume")
                         result["interrupted"] = stop.exit_code
                         break
-                    if main and cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
-                        write_samples(self)
+                    if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
+                        self._samples()
         except TrainingDiverged:
             mon.flush(self.log, self.train_time(), round(time.time(), 3))  # the non-finite rows, for the record
             raise
@@ -218,6 +228,18 @@ class Trainer:
                  f"{self.out / 'checkpoints'}")
         return result
 
+    def _samples(self) -> None:
+        """Preview videos on rank 0 (every rank calls it: under FSDP the weights are gathered first)."""
+        module = self.ema.module if self.ema else self.model
+        if fsdp.is_sharded(module):
+            state = fsdp.model_state(module)  # a collective; the full weights reach rank 0 only
+            if not self.d.main:
+                return
+            module = Unet3D(self.model.config).to(self.device).eval().requires_grad_(False)
+            module.load_state_dict(state)
+        if self.d.main:
+            write_samples(self, module)
+
     def _stop_requested(self, stop: StopSignals) -> bool:
         """A signal on any rank stops every rank after the same step."""
         if self.d.world_size == 1:
@@ -231,10 +253,11 @@ class Trainer:
         c, cfg = self.model.config, self.cfg
         n = self.model.parameter_count()
         accum = f" in {cfg.grad_accum} micro-steps" if cfg.grad_accum > 1 else ""
+        parallel = " (FSDP: sharded)" if cfg.fsdp else " (DDP)" if self.d.world_size > 1 else ""
         return (f"vdm-fast train: {cfg.preset} Unet3D ({n / 1e6:.2f} M parameters, base {c.base_channels}, mults "
                 f"{list(c.channel_mults)}), {cfg.prediction}-prediction, data {cfg.data}: {self.frames} frames"
                 f"{f' + {cfg.image_frames} images' if cfg.image_frames else ''} of {c.image_size}x{c.image_size}, "
-                f"batch {cfg.batch_size}{accum} over {self.d.world_size} process(es) on {self.device}, "
+                f"batch {cfg.batch_size}{accum} over {self.d.world_size} process(es){parallel} on {self.device}, "
                 f"{cfg.steps} steps from {self.step}, out {self.out}")
 
     def close(self, *, clean: bool = True) -> None:
