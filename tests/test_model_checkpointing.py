@@ -91,6 +91,9 @@ def test_switches_config_field_and_inference():
     model.enable_gradient_checkpointing()
     assert all(m.gradient_checkpointing for m in blocks)
     assert not Unet3D(**MICRO).is_gradient_checkpointing  # off by default
+    shared = Unet3DConfig(**MICRO)
+    Unet3D(shared).enable_gradient_checkpointing()
+    assert not shared.gradient_checkpointing  # the model switched its own copy, not the caller's config
     with pytest.raises(TypeError, match="gradient_checkpointing"):
         Unet3DConfig(**MICRO, gradient_checkpointing="yes")
     # Without autograd (sampling) nothing is checkpointed and the output is the same.

@@ -140,7 +140,8 @@ def _pair(seed: int = 0, **overrides):
 @pytest.mark.parametrize("mode", ["reference", "triton"])
 def test_same_weights_same_output_and_gradients_bitwise(mode):
     old, new = _pair(cond_dim=5, dropout=0.25)
-    x, logsnr, cond = inputs(new)
+    # The interpreter runs each kernel program in Python: smaller frames for the Triton run, still two levels.
+    x, logsnr, cond = inputs(new) if mode == "reference" else inputs(new, size=4)
     kwargs = dict(cond_mask=torch.tensor([True, False]), positions=torch.tensor([0, 2, 3]), num_video_frames=2)
     results = []
     for model in (old, new):

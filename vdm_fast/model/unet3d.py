@@ -23,6 +23,7 @@ dropout draws the same mask; the kernels are deterministic, so loss and gradient
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
@@ -46,6 +47,18 @@ def _run(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
     mode = _dispatch.current_mode()
     return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: (contextlib.nullcontext(), _dispatch.backend(mode)), **kwargs)
+
+
+def _is_channels_last_3d(x: torch.Tensor) -> bool:
+    """x.is_contiguous(memory_format=torch.channels_last_3d), read from the strides of the dimensions of size > 1
+    with the batch last in line: torch's own check guards on the batch size, which would make torch.compile
+    specialize a batch marked dynamic."""
+    B, C, T, H, W = x.shape
+    expected = C * T * H * W
+    for dim, stride in ((1, 1), (4, C), (3, C * W), (2, C * W * H)):
+        if x.shape[dim] > 1 and x.stride(dim) != stride:
+            return False
+    return B == 1 or x.stride(0) == expected
 
 
 class Block(nn.Module):
@@ -112,7 +125,8 @@ class Unet3D(nn.Module):
             raise TypeError("pass either a Unet3DConfig or keyword arguments, not both")
         if config is not None and not isinstance(config, Unet3DConfig):
             raise TypeError(f"config must be a Unet3DConfig, got {type(config).__name__} (use Unet3D.from_config)")
-        self.config = c = config if config is not None else Unet3DConfig(**kwargs)
+        # A copy: enable_gradient_checkpointing() writes to the model's config, never to one the caller shares.
+        self.config = c = dataclasses.replace(config) if config is not None else Unet3DConfig(**kwargs)
         widths, last = c.widths, len(c.widths) - 1
         attn = dict(dim_head=c.attn_head_dim, num_groups=c.norm_groups, num_buckets=c.num_buckets,
                     max_distance=c.max_distance)
@@ -165,7 +179,7 @@ class Unet3D(nn.Module):
         self._check(x, logsnr, cond, cond_mask, positions, num_video_frames)
         emb = self.embedding(logsnr, cond, cond_mask)
         frames = dict(positions=positions, num_video_frames=num_video_frames)
-        layout = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else None
+        layout = torch.channels_last_3d if _is_channels_last_3d(x) else None
         if self.config.channels_last:
             # NDHWC: the layout the 1x3x3 convs are fastest in (cuDNN tensor cores, oneDNN), that the per-frame
             # attention's (frames, positions, channels) view reads without a copy, and that the fused norm takes.
