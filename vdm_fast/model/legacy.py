@@ -23,7 +23,9 @@ import re
 
 from vdm_fast.model.config import Unet3DConfig
 
-_LAYOUT1 = re.compile(r"^(down|up)\.(\d+)\.(res|attn|resample)\.")
+# The module prefix of a layout-1 key: a stage of a path, or the middle's first residual block (the only middle name
+# that changed).
+_LAYOUT1 = re.compile(r"^(?:(?:down|up)\.\d+\.(?:res|attn|resample)|mid\.res)\.")
 
 
 def layout1_prefixes(config: Unet3DConfig) -> dict[str, str]:
@@ -59,7 +61,7 @@ def renames(keys, config: Unet3DConfig, prefix: str = "") -> dict[str, str]:
         if not key.startswith(prefix):
             continue
         local = key[len(prefix):]
-        m = _LAYOUT1.match(local) or (local.startswith("mid.res.") and re.match(r"^mid\.res\.", local))
+        m = _LAYOUT1.match(local)
         if m and m.group(0) in table:
             out[key] = prefix + table[m.group(0)] + local[m.end():]
     return out
