@@ -97,11 +97,17 @@ def triton_available() -> str | None:
 
 
 def _triton_too_old(spec: OpSpec) -> str | None:
-    import triton
+    import triton  # optional dependency: triton_available() said it imports
 
-    have = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    if have < spec.min_triton:
-        return f"its kernels need Triton >= {'.'.join(map(str, spec.min_triton))} (installed: {triton.__version__})"
+    return _too_old(triton.__version__, spec.min_triton)
+
+
+@functools.cache
+def _too_old(version: str, minimum: tuple[int, int]) -> str | None:
+    # Cached by the version string: parsing it on every op call cost about one eager aten dispatch.
+    have = tuple(int(p) for p in version.split(".")[:2])
+    if have < minimum:
+        return f"its kernels need Triton >= {'.'.join(map(str, minimum))} (installed: {version})"
     return None
 
 
