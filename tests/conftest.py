@@ -37,3 +37,16 @@ def pytest_runtest_makereport(item, call):
         for k, v in item.user_properties:
             if k == "seed":
                 item.add_report_section("call", "seed", f"torch.manual_seed({v}) reproduces this failure")
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    """The diffusers package (an optional peer), or a skip saying why it cannot be used."""
+    try:
+        import diffusers
+        from diffusers import UNet3DConditionModel  # noqa: F401 - its lazy import is where a broken env fails
+    except ImportError as e:
+        pytest.skip(f"diffusers is not installed (pip install .[peers]): {e}")
+    except Exception as e:  # noqa: BLE001 - e.g. a torchvision that does not match torch breaks transformers
+        pytest.skip(f"diffusers cannot be imported here: {type(e).__name__}: {e}")
+    return diffusers

@@ -184,18 +184,6 @@ def test_peers_are_optional():
 # ---------------------------------------------------------------------------------------------------- diffusers
 
 
-@pytest.fixture(scope="module")
-def diffusers():
-    try:
-        import diffusers
-        from diffusers import UNet3DConditionModel  # noqa: F401 - its lazy import is where a broken env fails
-    except ImportError as e:
-        pytest.skip(f"diffusers is not installed (pip install .[peers]): {e}")
-    except Exception as e:  # noqa: BLE001 - e.g. a torchvision that does not match torch breaks transformers
-        pytest.skip(f"diffusers cannot be imported here: {type(e).__name__}: {e}")
-    return diffusers
-
-
 def _unet3d(diffusers, head_dim, sample_size):
     return _randomize(diffusers.UNet3DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(4, 8), norm_num_groups=4,

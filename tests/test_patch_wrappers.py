@@ -92,18 +92,6 @@ def test_hook_on_a_sequential_child_that_is_a_wrapper_of_another_library_is_resp
     assert calls == [1]
 
 
-@pytest.fixture(scope="module")
-def diffusers():
-    try:
-        import diffusers
-        from diffusers import UNet3DConditionModel  # noqa: F401 - its lazy import is where a broken env fails
-    except ImportError as e:
-        pytest.skip(f"diffusers is not installed (pip install .[peers]): {e}")
-    except Exception as e:  # noqa: BLE001 - e.g. a torchvision that does not match torch breaks transformers
-        pytest.skip(f"diffusers cannot be imported here: {type(e).__name__}: {e}")
-    return diffusers
-
-
 def _resnet(diffusers):
     from diffusers.models.resnet import ResnetBlock2D
 
