@@ -61,8 +61,8 @@ ONCHIP_MAX_BWD = 16384
 # fit 128-255 registers without spills; 32 warps (64 registers at most) spilled hundreds of times.
 ELEMS_PER_THREAD, ELEMS_PER_THREAD_BWD = 64, 32
 MAX_WARPS = 16
-STREAM_TILE = 4096  # streaming paths: elements per tile
-STREAM_WARPS = 8  # 4 warps: more streaming configs spilled on sm_90 (6 vs 2; notes)
+STREAM_TILE = 2048  # streaming paths: elements per tile (halved for the backward: x and dy)
+STREAM_WARPS = 4  # with 2048-element tiles: 8 or 16 values a thread, 128-bit vectors (notes: spills per setting)
 MAX_BLOCK_C = 1024  # wider groups (GroupNorm(1, C) of huge C) loop over channel blocks
 MAX_CHUNKS = 256  # chunks per row, and the width of the vector the row's partials are merged with
 TARGET_PROGRAMS = 528  # 4 programs per SM on a 132-SM GPU: fewer rows than this are cut into chunks
@@ -511,6 +511,7 @@ class Plan:
     strides_arg: tuple[int, int, int]  # stride_b, stride_f, stride_outer
     constexprs: dict
     num_warps: int
+    launch_kw: dict  # constexprs and num_warps, as the launch takes them (built once)
 
     @property
     def empty(self) -> bool:
@@ -645,7 +646,7 @@ def _make_plan(shape, strides, dtype, num_groups: int, per_frame: bool, device: 
     return Plan(fmt=fmt, strides=tuple(out_strides), copy_x=not same, stats_shape=(B, G, F, 2), rows=rows,
                 n_chunks=n_chunks, phases=phases, launches=launches,
                 sizes=(G // gpp, Cg, F, S, chunk_positions, n_chunks), strides_arg=(sb, sf, so),
-                constexprs=constexprs, num_warps=warps)
+                constexprs=constexprs, num_warps=warps, launch_kw=dict(constexprs, num_warps=warps))
 
 
 def plan(x: torch.Tensor, num_groups: int, per_frame: bool, backward: bool = False) -> Plan:
@@ -704,8 +705,7 @@ def forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame):
         for phase in p.phases:
             for launch in p.launches:
                 _fwd_kernel[launch.grid](x, y, stats, part, w, b, s, sh, launch.row_begin, launch.row_end, *p.sizes,
-                                         *p.strides_arg, s_stride, sh_stride, eps, flags, phase, **p.constexprs,
-                                         num_warps=p.num_warps)
+                                         *p.strides_arg, s_stride, sh_stride, eps, flags, phase, **p.launch_kw)
     return y, stats
 
 
@@ -738,7 +738,7 @@ def backward(dy, x, stats, num_groups, weight, bias, scale, shift, silu, per_fra
             for launch in p.launches:
                 _bwd_kernel[launch.grid](dy, x, dx, stats, part, rowsum, w, b, s, sh, launch.row_begin,
                                          launch.row_end, *p.sizes, *p.strides_arg, s_stride, sh_stride, flags, phase,
-                                         **p.constexprs, num_warps=p.num_warps)
+                                         **p.launch_kw)
         if any(g is not None for g in grads):
             dw, db, ds, dsh = (part if g is None else g for g in grads)
             _bwd_params_kernel[(cdiv(C, PARAM_BLOCK_C),)](
