@@ -324,7 +324,7 @@ _FWD = {
 }
 # backward: (BN, BM, num_warps); BM == BT: one pass over the whole tile, else the two-pass blocked path.
 _BWD = {
-    (False, 16, 32): (4, 16, 4), (False, 16, 64): (4, 16, 4), (False, 16, 128): (1, 16, 8),
+    (False, 16, 32): (4, 16, 4), (False, 16, 64): (4, 16, 4), (False, 16, 128): (1, 16, 4),
     (False, 32, 32): (1, 32, 4), (False, 32, 64): (1, 32, 8), (False, 32, 128): (1, 16, 8),
     (False, 64, 32): (1, 32, 8), (False, 64, 64): (1, 32, 8), (False, 64, 128): (1, 16, 8),
     (False, 128, 32): (1, 32, 8), (False, 128, 64): (1, 32, 8), (False, 128, 128): (1, 16, 8),
