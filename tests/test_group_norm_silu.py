@@ -571,7 +571,7 @@ def test_forward_runs_only_its_kernel_and_two_allocations(monkeypatch, requires_
 def test_layer_copies_nothing():
     """layers.GroupNormSiLU forward + backward on a channels_last_3d activation with FiLM views copies no bytes
     outside the kernels (the benchmark bench_host_path reports the same count)."""
-    from benchmarks.bench_host_path import copied_bytes
+    from vdm_fast.benchmarks.bench_host_path import copied_bytes
 
     layer = GroupNormSiLU(4, 8, per_frame=True)
     x = torch.randn(2, 8, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
@@ -588,7 +588,7 @@ def test_layer_copies_nothing():
     names = ("_fwd_kernel", "_bwd_kernel", "_bwd_params_kernel")
     real = {n: getattr(k, n) for n in names}
     try:
-        from benchmarks.bench_host_path import _NoLaunch
+        from vdm_fast.benchmarks.bench_host_path import _NoLaunch
 
         for n in names:
             setattr(k, n, _NoLaunch())
