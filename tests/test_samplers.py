@@ -14,6 +14,7 @@ from vdm_fast.diffusion import CosineSchedule, GaussianDiffusion
 from vdm_fast.diffusion import samplers as S
 from vdm_fast.diffusion.guidance import downsample
 from vdm_fast.diffusion.oracles import MixtureOracle, wasserstein1
+from vdm_fast.model import Unet3D
 
 PREDS = ("eps", "v", "x")
 MU, SD = 0.3, 0.5
@@ -468,8 +469,7 @@ def test_graph_loop_guards_the_device_and_refuses_an_empty_capture(monkeypatch):
 
 def test_with_the_project_unet():
     """Integration: the loss trains and every conditioning path samples through vdm_fast's Unet3D."""
-    model_mod = pytest.importorskip("vdm_fast.model")
-    net = model_mod.Unet3D.preset("tiny", cond_dim=8, image_size=8, num_frames=3, attn_resolutions=(4,),
+    net = Unet3D.preset("tiny", cond_dim=8, image_size=8, num_frames=3, attn_resolutions=(4,),
                                   zero_init=False)
     d = GaussianDiffusion(net, prediction="v", cond_drop_prob=0.2)
     x = torch.rand(2, 3, 3, 8, 8) * 2 - 1
