@@ -182,3 +182,19 @@ def test_train_help_documents_fsdp(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--fsdp" in text and "20P/N" in text and "FSDP2" in text
     assert "--fsdp" in vdm_fast.train.__doc__ and "20P" in vdm_fast.train.__doc__
+
+
+def test_fsdp_fp16_scaler_agrees_over_shards(tmp_path):
+    """--precision fp16 under --fsdp: the scaler all-reduces each rank's shard overflow (ShardedGradScaler), so all
+    ranks skip the same steps; its state is checkpointed like the plain scaler's."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "h"), fsdp=True, precision="fp16", **{**CFG, "steps": 2}))
+    try:
+        assert isinstance(trainer.scaler, ShardedGradScaler)
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert [s for s, _ in result["losses"]] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result["losses"])
+    assert "scaler" in ckpt.load(tmp_path / "h", parts=("state",)).state

@@ -23,6 +23,8 @@ its own shard. The update is DDP's to fp32 rounding (the same global batch, redu
   continues bitwise.
 - --grad-accum K: the inner micro-steps run with `set_requires_gradient_sync(False)` (gradients accumulate
   unsharded, no reduce-scatter; memory grows by the unsharded gradients for those steps), the last one reduces.
+- --precision fp16: a ShardedGradScaler (each rank sees only its shards' overflow; the scaler all-reduces it, so
+  every rank skips the same steps). The gradient norm for clipping and the non-finite guard is the global one.
 - One process with --fsdp forms a 1-process group (nothing to shard; it runs the same code path, e.g. to check a
   configuration before a multi-GPU job).
 

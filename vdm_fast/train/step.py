@@ -50,7 +50,14 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def make_scaler(cfg: TrainConfig, device: torch.device):
-    return torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    if cfg.precision != "fp16":
+        return None
+    if cfg.fsdp:
+        # Each rank sees only its shards' overflow: this scaler all-reduces it, so every rank skips the same steps.
+        # Function-level import: FSDP is optional (train.fsdp checks that this torch has it).
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
 
 
 class TrainStep:
