@@ -47,10 +47,10 @@ def fully_shard_fn():
         raise ValueError("--fsdp: this torch build has no torch.distributed support; train without --fsdp")
     # Function-level imports: FSDP2 is optional (absent from some builds) and costs import time when unused.
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # optional: FSDP2 where this torch has it (>= 2.6)
     except ImportError:
         try:
-            from torch.distributed._composable.fsdp import fully_shard
+            from torch.distributed._composable.fsdp import fully_shard  # optional: its older home
         except ImportError:
             raise ValueError(f"--fsdp: torch {torch.__version__} has no FSDP2 (torch.distributed.fsdp.fully_shard, "
                              "torch >= 2.6); upgrade torch or use DDP (torchrun without --fsdp)") from None
