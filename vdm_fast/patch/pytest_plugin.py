@@ -17,8 +17,8 @@ lazily; test files define their own). The wrappers are removed at the end of the
 Options:
   --vdm-fast-patch on|off     patch models (default on; off leaves the hooks out, for the baseline run)
   --vdm-fast-backend MODE     the backend the patched ops run ("reference" unless VDM_FAST_BACKEND is set; "triton"
-                              on a machine without CUDA also sets TRITON_INTERPRET=1, which must precede triton's
-                              import, hence an option here rather than a `vdm_fast.backend` block per test)
+                              on a machine without CUDA needs TRITON_INTERPRET=1 in pytest's environment: it must
+                              precede the import of the kernels, which loading this plugin already does)
   --vdm-fast-report PATH      write a JSON list: per test, the models patched and what patch replaced / skipped
 
 The terminal summary says how many models were patched, in how many tests, and what was replaced per model class:
@@ -70,17 +70,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vdm-fast-report", default=None, metavar="PATH", help="write what was patched, per test, as JSON")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    global _recorder
-    if config.getoption("--vdm-fast-patch") != "on":
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser, args) -> None:
+    # Before the tests' conftest.py runs. TRITON_INTERPRET is read when triton's @jit functions are decorated, and
+    # importing this module already imported vdm_fast's kernels: it cannot be set from here, only checked.
+    if early_config.known_args_namespace.vdm_fast_patch != "on":
         return
-    mode = config.getoption("--vdm-fast-backend") or os.environ.get("VDM_FAST_BACKEND") or "reference"
+    mode = early_config.known_args_namespace.vdm_fast_backend or os.environ.get("VDM_FAST_BACKEND") or "reference"
     os.environ["VDM_FAST_BACKEND"] = mode
     if mode == "triton":
         import torch  # noqa: PLC0415  (heavy: only for the interpreter decision)
 
-        if not torch.cuda.is_available():
-            os.environ.setdefault("TRITON_INTERPRET", "1")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise pytest.UsageError("--vdm-fast-backend=triton without CUDA needs TRITON_INTERPRET=1 in the "
+                                    "environment of pytest (set before vdm_fast's kernels are imported)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _recorder
+    if config.getoption("--vdm-fast-patch") != "on":
+        return
     _recorder = _Recorder()
     _install()
 
