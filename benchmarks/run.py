@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from vdm_fast._cli import Parser, positive_int, run_guarded
-from vdm_fast._fsutil import atomic_write_bytes
+from vdm_fast._fsutil import atomic_write_bytes, probe_writable
 
 from . import common
 
@@ -209,9 +209,7 @@ def check_out_dir(out: Path) -> Path:
         raise ValueError(f"--out {str(out)!r} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out)
     except OSError as e:
         raise ValueError(f"--out {str(out)!r} is not a writable folder: {e.strerror or e}") from None
     return out

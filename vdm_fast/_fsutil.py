@@ -77,6 +77,14 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def probe_writable(folder) -> None:
+    """Create and remove a temp file in `folder`: OSError (as the OS says it) where the folder cannot take one.
+    What a permission bit, a read-only mount or a full disk allow is only known by trying."""
+    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextmanager
 def atomic_path(path, *, make_parents: bool = False) -> Iterator[Path]:
     """Yield a temp path beside `path` (same suffix) to write to; on success it is fsynced and renamed onto `path`

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vdm_fast._fsutil import atomic_path
+from vdm_fast._fsutil import atomic_path, probe_writable
 
 EXTRA = 'pip install "vdm_fast[video]"'
 FFMPEG_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
@@ -61,9 +59,7 @@ def check_output(path, option: str = "path") -> Path:
     if not folder.is_dir():
         raise ValueError(f"{option} {str(path)!r}: {str(folder)!r} is a file, not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
     except OSError as e:
         raise ValueError(f"{option} {str(path)!r}: cannot write in {str(folder)!r} ({e.strerror or e})") from None
     return path
