@@ -37,9 +37,14 @@ def test_inductor_fullgraph_matches_eager_and_does_not_recompile_for_a_new_batch
             assert_close(out, out_ref, 1e-5, f"forward, batch {batch}")
             grads = {n.removeprefix("_orig_mod."): g for n, g in grads.items()}
             assert grads.keys() == g_ref.keys()
+            # Inductor reorders fp32 sums (its own kernels around ours): all gradients together to 1e-5, and each
+            # parameter's to 1e-4, since a small-norm one (a norm's bias: a sum of cancelling terms) shows the same
+            # absolute rounding as a larger relative error (seen: 1.6e-5). A wrong gradient is off by O(1).
+            flat = torch.cat([grads[n].flatten() for n in g_ref])
+            assert_close(flat, torch.cat([g.flatten() for g in g_ref.values()]), 1e-5, f"all gradients, batch {batch}")
             for name, g in g_ref.items():
                 assert g.abs().max() > 0, f"{name}: zero gradient (the test could not fail)"
-                assert_close(grads[name], g, 1e-5, f"grad {name}, batch {batch}")
+                assert_close(grads[name], g, 1e-4, f"grad {name}, batch {batch}")
         # One graph for both batches: the dynamic batch compiled once, no recompilation, no graph break.
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
         assert not counters["graph_break"], dict(counters["graph_break"])
