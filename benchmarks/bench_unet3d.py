@@ -24,10 +24,10 @@ import collections
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vdm_fast import backend
 from vdm_fast.model import Unet3D
+from vdm_fast.testing import CopyCounter
 
 from .common import GPU, NOT_RUN_GPU, check_close, peak_memory_mb, row, time_ms
 
@@ -206,54 +206,11 @@ def _checkpointing_rows(quick: bool) -> list[dict]:
 
 # --- copies made by a training step ---------------------------------------------------------------------------------
 
-# Copy-like aten ops -> the tensor whose bytes they write (the argument or the output).
-_COPY_OPS = {torch.ops.aten.copy_.default: "dst", torch.ops.aten.clone.default: "out",
-             torch.ops.aten._to_copy.default: "out", torch.ops.aten.cat.default: "out"}
-
-
-class _CopyCounter(TorchDispatchMode):
-    """Bytes written by copy-like aten ops, by (phase, where, op): forward ops by the innermost submodule of the model
-    running (`scope`, set by module hooks, e.g. "up.0.blocks.1.res.norm1 (GroupNormSiLU)"; "Unet3D.forward" outside
-    all), backward ops by their autograd node."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes: collections.Counter = collections.Counter()
-        self.scope: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        kind = _COPY_OPS.get(func)
-        if kind is not None:
-            t = args[0] if kind == "dst" else out
-            node = torch._C._current_autograd_node()
-            where = ("backward", node.name()) if node is not None else (
-                "forward", self.scope[-1] if self.scope else "Unet3D.forward")
-            self.bytes[(*where, func.__name__.split(".")[0])] += t.numel() * t.element_size()
-        return out
-
-
 def copied_bytes_by_origin(model: nn.Module, step) -> collections.Counter:
-    """{(phase, where, op): bytes} copied while step() runs (see _CopyCounter)."""
-    counter = _CopyCounter()
-    handles = []
-
-    def leave(*_):
-        counter.scope.pop()  # returns None: a forward hook's return value would replace the output
-
-    for name, m in model.named_modules():
-        if m is model:
-            continue
-        kind = type(m).__name__
-        handles.append(m.register_forward_pre_hook(lambda *_, n=f"{name} ({kind})": counter.scope.append(n)))
-        handles.append(m.register_forward_hook(leave))
-    try:
-        with counter:
-            step()
-    finally:
-        for h in handles:
-            h.remove()
-    return counter.bytes
+    """{(phase, where, op): bytes} copied while step() runs (vdm_fast.testing.CopyCounter)."""
+    with CopyCounter(model) as counter:
+        step()
+    return counter.by_origin
 
 
 def _copy_rows(quick: bool) -> list[dict]:
@@ -272,7 +229,7 @@ def _copy_rows(quick: bool) -> list[dict]:
     step()
     counts = copied_bytes_by_origin(model, step)
     total = sum(counts.values())
-    own = {k: v for k, v in counts.items() if k[:2] == ("forward", "Unet3D.forward") or k[1] == "CatBackward0"}
+    own = {k: v for k, v in counts.items() if k[:2] == ("forward", "top level") or k[1] == "CatBackward0"}
     unit = TRAIN_BATCH * c.base_channels * frames * size * size * x.element_size()  # conv_in's output
     by_kind: collections.Counter = collections.Counter()
     for (phase, where, op), b in counts.items():

@@ -7,6 +7,7 @@ every `err <= tol` comparison fails on non-finite output.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 
@@ -42,14 +43,19 @@ COPY_OPS = frozenset({"copy_", "clone", "cat", "stack", "_to_copy", "slice_scatt
 
 class CopyCounter:
     """`with CopyCounter() as c: step()`: c.bytes written by copy-like aten ops (COPY_OPS) during step, forward and
-    backward alike (a TorchDispatchMode sees every aten op autograd runs), c.ops their names. `c.paused()`: a block
-    not counted (a kernel launch under the Triton interpreter, whose own copies are not the caller's)."""
+    backward alike (a TorchDispatchMode sees every aten op autograd runs), c.ops their names, and c.by_origin the
+    bytes by (phase, where, op): a backward op by its autograd node, a forward op by the innermost submodule of
+    `model` running (module hooks while counting: "up.0.blocks.1.res.norm1 (GroupNormSiLU)"; "top level" outside
+    them all, or without a model). `c.paused()`: a block not counted (a kernel launch under the Triton interpreter,
+    whose own copies are not the caller's)."""
 
-    def __init__(self):
+    def __init__(self, model: torch.nn.Module | None = None):
         from torch.utils._python_dispatch import TorchDispatchMode  # torch internals: only when counting
 
         counter = self
         self.bytes, self.ops, self._paused = 0, [], 0
+        self.by_origin: collections.Counter = collections.Counter()
+        self._model, self._scope, self._handles = model, [], []
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -57,18 +63,37 @@ class CopyCounter:
                 name = func.overloadpacket.__name__
                 if not counter._paused and name in COPY_OPS:
                     t = out if isinstance(out, torch.Tensor) else args[0]
-                    counter.bytes += t.numel() * t.element_size()
+                    n = t.numel() * t.element_size()
+                    counter.bytes += n
                     counter.ops.append(name)
+                    node = torch._C._current_autograd_node()
+                    where = (("backward", node.name()) if node is not None
+                             else ("forward", counter._scope[-1] if counter._scope else "top level"))
+                    counter.by_origin[(*where, name)] += n
                 return out
 
         self._mode = _Mode()
 
     def __enter__(self):
+        if self._model is not None:
+            def leave(*_):
+                self._scope.pop()  # returns None: a forward hook's return value would replace the output
+
+            for name, m in self._model.named_modules():
+                if m is not self._model:
+                    label = f"{name} ({type(m).__name__})"
+                    self._handles.append(m.register_forward_pre_hook(lambda *_, n=label: self._scope.append(n)))
+                    self._handles.append(m.register_forward_hook(leave))
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
+        try:
+            return self._mode.__exit__(*exc)
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
 
     def paused(self):
         @contextlib.contextmanager
