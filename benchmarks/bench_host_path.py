@@ -1,13 +1,15 @@
 """The fast path's own host cost: each fused op with its Triton launches replaced by no-ops, in units of one eager aten
 dispatch measured in the same run, and the bytes each layer copies.
 
-Method: interleaved medians. Every round times a few calls of each contender in turn (the eager unit, then each op's
-paths), so that machine load shifts all of them alike; the row's ms is the median over rounds of ours, baseline_ms the
-median of the unit. The unit is one eager `F.group_norm` (forward; forward + backward for the op's fwd+bwd rows) on a
-tensor so small that its compute is negligible. `speedup` is baseline / ours, so the op's cost in units is its
-reciprocal, printed in the note beside the target.
+Method: interleaved medians of CPU time. Every round times a few calls of each contender in turn (the eager unit, then
+each op's paths), so that machine load shifts all of them alike, in the process's CPU time (`time.process_time`: the
+host work itself, which is what is measured; wall time on a shared machine adds whatever other processes ran, and
+made spreads of 200-1800% where CPU time gives tens of percent). The row's ms is the median over rounds of ours,
+baseline_ms the median of the unit. The unit is one eager `F.group_norm` (forward; forward + backward for the op's
+fwd+bwd rows) on a tensor so small that its compute is negligible. `speedup` is baseline / ours, so the op's cost in
+units is its reciprocal, printed in the note beside the target.
 
-Copies: `aten::copy_` / `aten::contiguous` / `aten::clone` / `aten::_to_copy` bytes counted with torch.profiler in a
+Copies: bytes written by copy-like aten ops (vdm_fast.testing.CopyCounter: copy_, clone, cat, _to_copy, ...) in a
 layer's forward + backward (launches no-op'd: the audit is of the launcher and autograd path, not the interpreter).
 
 The ops are a table (`OPS`), one entry per op: its name, how to build inputs, which kernel-module attributes are the
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from vdm_fast.testing import CopyCounter
 
 from .common import GPU, row
 
@@ -83,10 +87,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> di
     per_round: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(CALLS_PER_ROUND):
                 fn()
-            per_round[name].append((time.perf_counter() - t0) * 1e3 / CALLS_PER_ROUND)
+            per_round[name].append((time.process_time() - t0) * 1e3 / CALLS_PER_ROUND)
     out = {}
     for name, ts in per_round.items():
         ts = sorted(ts)
@@ -96,24 +100,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> di
     return out
 
 
-_ITEMSIZE = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2, "long int": 8, "int": 4, "bool": 1}
-
-
 def copied_bytes(fn: Callable[[], object]) -> int:
-    """Bytes written by copy-like aten ops while fn() runs (top-level and nested alike, counted once each)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    """Bytes written by copy-like aten ops while fn() runs (vdm_fast.testing.CopyCounter; the launches are no-ops,
+    so every copy counted is the launcher's or autograd's)."""
+    with CopyCounter() as counter:
         fn()
-    total = 0
-    for e in prof.events():
-        # copy_ does the writing; contiguous/clone/_to_copy reach it as children, so only copy_ is summed.
-        if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0]:
-            numel = 1
-            for n in e.input_shapes[0]:
-                numel *= n
-            total += numel * _ITEMSIZE.get((e.input_dtypes or ["float"])[0], 4)
-    return total
+    return counter.bytes
 
 
 # ------------------------------------------------------------------------------------------ group_norm_silu

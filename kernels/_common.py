@@ -24,8 +24,16 @@ def interpreting() -> bool:
 
 
 def device_guard(t: torch.Tensor):
-    """Makes t's GPU the current one for a launch (Triton and the extension launch on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Makes t's GPU the current one for a launch (Triton and the extension launch on the current device). A no-op
+    context (one shared instance) where it already is, or for CPU tensors: entering torch.cuda.device costs more
+    host time than the rest of a launch's bookkeeping, and one GPU per process is the common case."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
+
+
+_NO_GUARD = contextlib.nullcontext()
 
 
 def cdiv(a: int, b: int) -> int:

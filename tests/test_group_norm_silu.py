@@ -570,8 +570,9 @@ def test_forward_runs_only_its_kernel_and_two_allocations(monkeypatch, requires_
 
 def test_layer_copies_nothing():
     """layers.GroupNormSiLU forward + backward on a channels_last_3d activation with FiLM views copies no bytes
-    outside the kernels (the benchmark bench_host_path reports the same count)."""
-    from vdm_fast.benchmarks.bench_host_path import copied_bytes
+    outside the kernels; the one copy bench_host_path counts is autograd's, the backward of the caller's own chunk
+    (it concatenates dscale and dshift into the projection's gradient)."""
+    from vdm_fast.testing import CopyCounter
 
     layer = GroupNormSiLU(4, 8, per_frame=True)
     x = torch.randn(2, 8, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
@@ -592,7 +593,10 @@ def test_layer_copies_nothing():
 
         for n in names:
             setattr(k, n, _NoLaunch())
-        assert copied_bytes(step) == 0
+        with CopyCounter() as counter:
+            step()
+        ours = {key: n for key, n in counter.by_origin.items() if key[:2] != ("backward", "SplitBackward0")}
+        assert ours == {} and counter.bytes == emb.numel() * emb.element_size(), counter.by_origin
     finally:
         for n, v in real.items():
             setattr(k, n, v)

@@ -296,9 +296,9 @@ def test_plan_cache_hits_and_still_validates():
     q = torch.randn(3, 2, 5, 8, device=DEVICE)
     with vdm_fast.backend("triton"):
         ops.temporal_attention(q, q, q, scale=1.0)
-        before = len(mod._ENTRIES)
+        before = len(mod._CALLS.entries)
         ops.temporal_attention(q, q, q, scale=1.0)
-        assert len(mod._ENTRIES) == before
+        assert len(mod._CALLS.entries) == before
         with pytest.raises(TypeError, match="scale"):
             ops.temporal_attention(q, q, q, scale=True)  # True == 1.0: must not hit 1.0's entry
         with pytest.raises(ValueError, match="k"):

@@ -139,7 +139,23 @@ def _fast_impl(spec: OpSpec, device: torch.device) -> tuple[str | None, str]:
 
 def select(spec: OpSpec, device: torch.device, dtype: torch.dtype) -> str:
     """Which implementation of `spec` runs for inputs on `device` of `dtype` in the current mode."""
-    return _select(spec.name, device, dtype)
+    if torch.compiler.is_compiling():
+        return _select(spec.name, device, dtype)
+    # Eager: the answer memoized by everything it depends on that can change in a process (the mode, and for CPU
+    # tensors TRITON_INTERPRET); the uncached chain of calls cost about one eager aten dispatch per op call.
+    mode = _mode_override.get()
+    if mode is None:
+        mode = os.environ.get("VDM_FAST_BACKEND", "auto")
+    kind = device.type
+    key = (spec.name, mode, kind, dtype, kind == "cpu" and interpreting())
+    impl = _SELECTED.get(key)
+    if impl is None:
+        impl = _select(spec.name, device, dtype)  # raises where it cannot run: nothing is cached then
+        _SELECTED[key] = impl
+    return impl
+
+
+_SELECTED: dict[tuple, str] = {}
 
 
 # torch.compile resolves the dispatch once, when it traces the op, and bakes the answer into the graph.
@@ -163,6 +179,61 @@ def _select(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return impl
 
 
+def autograd_apply(function: type[torch.autograd.Function]):
+    """`function.apply` for the eager fast paths, minus its Python wrapper where that has nothing to do: the wrapper
+    only unwraps functorch's dead wrappers, so the C-level apply runs unless a functorch transform (vmap, grad) is
+    active. The wrapper costs about one eager aten dispatch per call."""
+    c_apply = super(torch.autograd.Function, function).apply  # torch._C._FunctionBase.apply, bound to the class
+
+    def apply(*args):
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(*args)
+        return c_apply(*args)
+
+    return apply
+
+
+def tensor_key(*tensors) -> tuple:
+    """What an op's argument checks and launch plan read of its tensors: shape, strides, dtype, device (None for an
+    absent one). AttributeError for a non-tensor: the op's checks then say which argument is wrong."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
+class CallCache:
+    """Validated call signatures of one op -> what the op built for them (its checks' results, its launcher).
+
+    An op puts an entry only after its checks passed, so a hit skips them: the key must hold everything they read
+    (`tensor_key`, and each scalar with its type, so that True does not hit 1's entry). Bounded: a model makes a
+    handful of signatures; a stream of new shapes must not grow it forever."""
+
+    def __init__(self, max_entries: int = 1024):
+        self.max_entries = max_entries
+        self.entries: dict[tuple, object] = {}
+
+    def get(self, key: tuple | None):
+        """The entry for key, or None (also for a key that cannot be hashed: an unhashable scalar)."""
+        if key is None:
+            return None
+        try:
+            return self.entries.get(key)
+        except TypeError:
+            return None
+
+    def put(self, key: tuple | None, entry):
+        if key is not None:
+            try:
+                hash(key)
+            except TypeError:
+                return entry
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+            self.entries[key] = entry
+        return entry
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 def check_impl(spec: OpSpec, impl: str) -> None:
     """Inside an op's custom op: `impl` must name one of its fast implementations (the reference never runs there:
     it is called directly, so that autograd and torch.compile see through it)."""
@@ -174,7 +245,7 @@ def check_impl(spec: OpSpec, impl: str) -> None:
 def describe(spec: OpSpec, device: str) -> str:
     """For `vdm-fast info`: what `spec` runs for fp32 inputs on `device` in the current mode, or why it cannot."""
     try:
-        impl = select(spec, torch.device(device), torch.float32)
+        impl = _select(spec.name, torch.device(device), torch.float32)  # uncached: a report reads the facts now
     except (BackendUnavailable, TypeError) as e:
         return f"unavailable ({e})"
     reason = _fast_impl(spec, torch.device(device))[1] if impl == "reference" and current_mode() == "auto" else ""

@@ -12,6 +12,7 @@ naming the input instead of silently returning values with no gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -112,8 +113,9 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+@functools.cache  # an import statement per call costs about a tenth of an eager aten dispatch
 def _kernels():
-    # Imported here, not at module level: the kernel module imports triton, an optional dependency.
+    # Imported on first use, not at module level: the kernel module imports triton, an optional dependency.
     from vdm_fast.kernels import diffusion_update as k
 
     return k

@@ -6,6 +6,7 @@ backward). Tests: tests/test_group_norm_silu.py.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,12 +40,54 @@ def group_norm_silu(
     weight, bias: optional (C,). scale, shift: optional (B, C) FiLM. activation: "silu" or None.
     Returns y with x's shape, dtype and memory format. The backward gives every gradient and is deterministic.
     """
-    _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame)
+    compiling = torch.compiler.is_compiling()  # traced once: the checks, then the one op Dynamo and Inductor see
+    if compiling:
+        _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame)
+    else:
+        entry = _entry(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame)  # checks, cached
     impl = _dispatch.select(SPEC, x.device, x.dtype)
     if impl == "reference":
         return ref.group_norm_silu(x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation,
                                    per_frame=per_frame)
-    return _fused(x, num_groups, weight, bias, float(eps), scale, shift, activation == "silu", per_frame, impl)
+    if compiling:
+        return torch.ops.vdm_fast.group_norm_silu(x, num_groups, weight, bias, float(eps), scale, shift,
+                                                  activation == "silu", per_frame, impl)[0]
+    return _fused(entry, x, weight, bias, scale, shift)
+
+
+# Validated call signatures -> _Entry (the checks' outcome and the kernels' Launcher).
+_CALLS = _dispatch.CallCache()
+
+
+class _Entry:
+    """One validated call signature: the kernel-side scalars, and the Launcher (built on the first fast call, so the
+    reference path never imports Triton)."""
+
+    __slots__ = ("num_groups", "eps", "silu", "per_frame", "_launcher")
+
+    def __init__(self, num_groups, eps, silu, per_frame):
+        self.num_groups, self.eps, self.silu, self.per_frame = num_groups, float(eps), silu, per_frame
+        self._launcher = None
+
+    def launcher(self, x, weight, bias, scale, shift):
+        if self._launcher is None:
+            self._launcher = _kernels().Launcher(x, self.num_groups, weight, bias, scale, shift, self.eps, self.silu,
+                                                 self.per_frame)
+        return self._launcher
+
+
+def _entry(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame) -> _Entry:
+    """The call's entry: looked up by everything `_check` reads (a hit skips it), else checked and built."""
+    try:
+        key = (type(num_groups), num_groups, type(eps), eps, activation, type(per_frame), per_frame,
+               *_dispatch.tensor_key(x, weight, bias, scale, shift))
+    except AttributeError:  # a non-tensor where a tensor belongs: _check names it
+        key = None
+    entry = _CALLS.get(key)
+    if entry is None:
+        _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame)
+        entry = _CALLS.put(key, _Entry(num_groups, eps, activation == "silu", per_frame))
+    return entry
 
 
 def _check(x, num_groups, weight, bias, eps, scale, shift, activation, per_frame) -> None:
@@ -73,27 +116,24 @@ def frames(x: torch.Tensor, per_frame: bool) -> int:
     return x.shape[2] if per_frame and x.dim() == 5 else 1
 
 
+@functools.cache  # an import statement per call costs about a tenth of an eager aten dispatch
 def _kernels():
-    # Imported here, not at module level: the kernel module imports triton (optional: the reference runs without it).
+    # Imported on first use, not at module level: the kernel module imports triton, an optional dependency.
     from vdm_fast.kernels import group_norm_silu as k
 
     return k
 
 
-def _fused(x, num_groups, weight, bias, eps, scale, shift, silu, per_frame, impl):
-    """The fast path. Eager: a torch.autograd.Function that launches the kernels directly (a few microseconds of
-    host work); under torch.compile (or where nothing needs a gradient: no autograd node at all) the one
-    torch.library op, which Dynamo and Inductor see with its fake."""
-    if torch.compiler.is_compiling():
-        return torch.ops.vdm_fast.group_norm_silu(x, num_groups, weight, bias, eps, scale, shift, silu, per_frame,
-                                                  impl)[0]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
-                                                           for t in (weight, bias, scale, shift))):
-        # Function.apply's Python wrapper only unwraps functorch's dead wrappers: the C apply directly unless a
-        # functorch transform (vmap, grad) is active.
-        apply = _GroupNormSiLU.apply if torch._C._are_functorch_transforms_active() else _APPLY
-        return apply(x, weight, bias, scale, shift, num_groups, eps, silu, per_frame)
-    return _kernels().forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame)[0]
+def _fused(entry, x, weight, bias, scale, shift):
+    """The eager fast path: a torch.autograd.Function that launches the kernels directly (a few microseconds of
+    host work), or no autograd node at all where nothing needs a gradient. (Under torch.compile the caller takes
+    the torch.library op instead.)"""
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)
+                                    or (scale is not None and scale.requires_grad)
+                                    or (shift is not None and shift.requires_grad)):
+        return _APPLY(x, weight, bias, scale, shift, entry)
+    return entry.launcher(x, weight, bias, scale, shift).forward(x, weight, bias, scale, shift)[0]
 
 
 def _double_backward_grads(dy, x, weight, bias, scale, shift, num_groups, eps, silu, per_frame, needs):
@@ -113,22 +153,26 @@ class _GroupNormSiLU(torch.autograd.Function):
     """Eager autograd wiring of the fast path (see `_fused`); the same kernels as the custom op's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, silu, per_frame):
-        y, stats = _kernels().forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame)
+    def forward(ctx, x, weight, bias, scale, shift, entry):
+        launcher = entry.launcher(x, weight, bias, scale, shift)
+        y, stats = launcher.forward(x, weight, bias, scale, shift)
         ctx.save_for_backward(x, stats, weight, bias, scale, shift)
-        ctx.args = (num_groups, eps, silu, per_frame)
+        ctx.entry = entry
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, stats, weight, bias, scale, shift = ctx.saved_tensors
-        num_groups, eps, silu, per_frame = ctx.args
-        needs = ctx.needs_input_grad[:5]
+        entry = ctx.entry
+        needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True
-            grads = _double_backward_grads(dy, x, weight, bias, scale, shift, num_groups, eps, silu, per_frame, needs)
+            grads = _double_backward_grads(dy, x, weight, bias, scale, shift, entry.num_groups, entry.eps,
+                                           entry.silu, entry.per_frame, needs[:5])
         else:
-            grads = _kernels().backward(dy, x, stats, num_groups, weight, bias, scale, shift, silu, per_frame)
-        return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
+            grads = entry.launcher(x, weight, bias, scale, shift).backward(dy, x, stats, weight, bias, scale, shift)
+        dx, dw, db, ds, dsh = grads
+        return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
+                ds if needs[3] else None, dsh if needs[4] else None, None)
 
 
 @torch.library.custom_op("vdm_fast::group_norm_silu", mutates_args=())
@@ -138,7 +182,8 @@ def _group_norm_silu_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, stats): y in x's dtype and memory format, stats (B, G, F, 2) fp32 (mean, rstd) for the backward."""
     _dispatch.check_impl(SPEC, impl)
-    return _kernels().forward(x, num_groups, weight, bias, scale, shift, eps, silu, per_frame)
+    entry = _entry(x, num_groups, weight, bias, eps, scale, shift, "silu" if silu else None, per_frame)
+    return entry.launcher(x, weight, bias, scale, shift).forward(x, weight, bias, scale, shift)
 
 
 @_group_norm_silu_op.register_fake
@@ -190,4 +235,4 @@ def _backward(ctx, dy, _dstats):
 
 
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
-_APPLY = super(torch.autograd.Function, _GroupNormSiLU).apply  # torch._C._FunctionBase.apply, bound to the class
+_APPLY = _dispatch.autograd_apply(_GroupNormSiLU)

@@ -24,6 +24,7 @@ Tests: tests/test_temporal_attention*.py. Notes: kernels/notes/temporal_attentio
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -39,9 +40,8 @@ from vdm_fast.reference.temporal_attention import temporal_attention_packed as _
 SPEC = _dispatch.OpSpec("temporal_attention", triton=True, min_triton=(3, 4))
 MAX_T = 128  # the whole T x T score tile of a sequence lives in one program's registers
 MAX_D = 128
-# Validated call signatures -> _Entry. Bounded: a model has a handful; a stream of new shapes must not grow it forever.
-_MAX_ENTRIES = 1024
-_ENTRIES: dict[tuple, _Entry] = {}
+# Validated call signatures -> _Entry.
+_CALLS = _dispatch.CallCache()
 
 
 def temporal_attention(
@@ -76,7 +76,7 @@ def temporal_attention(
     bias_in, mask_in = entry.bias_mask(bias, mask)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return _Attention.apply(q, k, v, bias, mask, bias_in, mask_in, entry)
+        return _ATTENTION(q, k, v, bias, mask, bias_in, mask_in, entry)
     return entry.launcher().forward(entry.plan(), q, k, v, bias_in, mask_in)[0]
 
 
@@ -110,7 +110,7 @@ def temporal_attention_packed(
         return _reference_packed(qkv, heads, bias, mask, scale=entry.scale)
     mask_in = None if mask is None else mask.view(torch.uint8)
     if torch.is_grad_enabled() and (qkv.requires_grad or (bias is not None and bias.requires_grad)):
-        return _PackedAttention.apply(qkv, bias, mask, mask_in, entry)
+        return _PACKED_ATTENTION(qkv, bias, mask, mask_in, entry)
     return entry.launcher().forward(entry.plan(), qkv, qkv, qkv, bias, mask_in)[0]
 
 
@@ -190,22 +190,6 @@ def _check_groups(t, name, tail, n, shape_name, n_name, what, exact) -> None:
             raise ValueError(f"{name} is per sample with B={b}, which must divide the {n_name}={n} {what}")
 
 
-def _key(*tensors) -> tuple:
-    """What validation and the launch plan depend on (a scalar's type too: True == 1 must not hit 1's entry).
-    AttributeError for a non-tensor: the checks then say which argument is wrong."""
-    return tuple((None,) if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
-
-
-def _lookup(key, build):
-    entry = _ENTRIES.get(key)
-    if entry is None:
-        entry = build()
-        if len(_ENTRIES) >= _MAX_ENTRIES:
-            _ENTRIES.clear()
-        _ENTRIES[key] = entry
-    return entry
-
-
 # ----------------------------------------------------------------------------------------------- plans
 
 
@@ -221,9 +205,7 @@ class _Entry:
 
     @staticmethod
     def launcher():
-        from vdm_fast.kernels import temporal_attention as kern  # Triton: imported only when a kernel runs
-
-        return kern
+        return _kernels()
 
     def plan(self):
         if self._plan is None:
@@ -242,6 +224,14 @@ class _Entry:
         return bias, mask
 
 
+@functools.cache  # an import statement per call costs about a tenth of an eager aten dispatch
+def _kernels():
+    # Imported on first use, not at module level: the kernel module imports triton, an optional dependency.
+    from vdm_fast.kernels import temporal_attention as kern
+
+    return kern
+
+
 def _tail_strides(t, batched: int):
     """(b-stride or 0 when shared, then the rest) of a bias / mask."""
     return (t.stride(0) if t.dim() == batched else 0, *t.stride()[t.dim() - batched + 1:])
@@ -249,12 +239,12 @@ def _tail_strides(t, batched: int):
 
 def _entry_4d(q, k, v, bias, mask, scale) -> _Entry:
     try:
-        key = ("4d", type(scale), scale, *_key(q, k, v, bias, mask))
-        hash(key)
-    except (AttributeError, TypeError):  # not tensors, an unhashable scale: the checks say what is wrong
+        key = ("4d", type(scale), scale, *_dispatch.tensor_key(q, k, v, bias, mask))
+    except AttributeError:  # not tensors: the checks say what is wrong
         key = None
-    if key is not None and key in _ENTRIES:
-        return _ENTRIES[key]
+    entry = _CALLS.get(key)
+    if entry is not None:
+        return entry
     scale = _check(q, k, v, bias, mask, scale)
 
     def build():
@@ -279,17 +269,17 @@ def _entry_4d(q, k, v, bias, mask, scale) -> _Entry:
         return _Entry(scale, kw, repeat_bias=batch // b1 if b1 > 1 and b1 != batch else 1,
                       repeat_mask=batch // b2 if b2 > 1 and b2 != batch else 1)
 
-    return _lookup(key, build) if key is not None else build()
+    return _CALLS.put(key, build())
 
 
 def _entry_packed(qkv, heads, bias, mask, scale) -> _Entry:
     try:
-        key = ("packed", type(heads), heads, type(scale), scale, *_key(qkv, bias, mask))
-        hash(key)
-    except (AttributeError, TypeError):
+        key = ("packed", type(heads), heads, type(scale), scale, *_dispatch.tensor_key(qkv, bias, mask))
+    except AttributeError:
         key = None
-    if key is not None and key in _ENTRIES:
-        return _ENTRIES[key]
+    entry = _CALLS.get(key)
+    if entry is not None:
+        return entry
     scale = _check_packed(qkv, heads, bias, mask, scale)
 
     def build():
@@ -305,7 +295,7 @@ def _entry_packed(qkv, heads, bias, mask, scale) -> _Entry:
                   bias_batch=bias.shape[0] if bias is not None and bias.dim() == 4 else 1)
         return _Entry(scale, kw)
 
-    return _lookup(key, build) if key is not None else build()
+    return _CALLS.put(key, build())
 
 
 def _do_strides_4d(plan, grad_out):
@@ -378,6 +368,10 @@ class _PackedAttention(torch.autograd.Function):
         grads, dbias = entry.launcher().backward(plan, grad_out, _do_strides_packed(plan, grad_out), qkv, qkv, qkv,
                                                  out, lse, bias, mask_in, ctx.needs_input_grad[1])
         return grads, None if dbias is None else _dbias(dbias, bias, 1), None, None, None
+
+
+_ATTENTION = _dispatch.autograd_apply(_Attention)
+_PACKED_ATTENTION = _dispatch.autograd_apply(_PackedAttention)
 
 
 def _reference_grads(fn, inputs, grad_out, needs):
