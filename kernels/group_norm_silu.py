@@ -321,11 +321,36 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dz_terms(dy, x, mask, mean, rstd, w_eff, b_eff, opt_flags):
-    """xhat and g = dz * w_eff of a tile (0 where masked)."""
+def _bwd_channels(c0, cw, group_channels, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, b, gb, f, group_blocks,
+                  frames, scale_stride_b, shift_stride_b, opt_flags, CW_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                  GPP: tl.constexpr):
+    """A channel block [c0, c0 + BLOCK_C) of group block gb: its channels, mask, groups, mean and rstd, and the
+    effective affine (w_eff, b_eff) of sample b."""
+    c, cmask, gid = _channels(c0, cw, group_channels, CW_ALIGN, BLOCK_C)
+    mean, rstd = _load_stats(stats_ptr, b, gb, f, gid, cmask, group_blocks, frames, GPP)
+    w_eff, b_eff, _, _, _ = _coefs(w_ptr, b_ptr, scale_ptr, shift_ptr, b, gb * cw + c, cmask, scale_stride_b,
+                                   shift_stride_b, opt_flags)
+    return c, cmask, gid, mean, rstd, w_eff, b_eff
+
+
+@triton.jit
+def _dz_tile(dy_ptr, x_ptr, base, c, cmask, s, s_end, stride_outer, mean, rstd, w_eff, b_eff, opt_flags,
+             CL: tl.constexpr, INT64: tl.constexpr):
+    """The tile (channels c, positions s < s_end): its offsets and mask, xhat and dz (0 where masked)."""
+    mask = cmask[:, None] & (s < s_end)[None, :]
+    offs = _tile_offsets(c, s, stride_outer, CL, INT64)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     dz = _act_grad(dy, xhat * w_eff[:, None] + b_eff[:, None], opt_flags)
-    return xhat, tl.where(mask, dz, 0.0)
+    return offs, mask, xhat, tl.where(mask, dz, 0.0)
+
+
+@triton.jit
+def _store_dx(dx_ptr, base, offs, mask, dz, xhat, rstd, w_eff, mean_g, mean_gx):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dz * w_eff, stored in dx's dtype."""
+    dx = rstd[:, None] * (dz * w_eff[:, None] - mean_g[:, None] - xhat * mean_gx[:, None])
+    tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -355,24 +380,18 @@ def _bwd_kernel(
         b, gb, f, base = _row_coords(row, group_blocks, frames, stride_b, stride_f, stride_outer, cw, CL)
         part_row = ((b * frames + f) * n_chunks + chunk).to(tl.int64) * 2 * C + gb * cw
         if ONCHIP:
-            c, cmask, gid = _channels(0, cw, group_channels, CW_ALIGN, BLOCK_C)
-            mean, rstd = _load_stats(stats_ptr, b, gb, f, gid, cmask, group_blocks, frames, GPP)
-            w_eff, b_eff, _, _, _ = _coefs(w_ptr, b_ptr, scale_ptr, shift_ptr, b, gb * cw + c, cmask,
-                                           scale_stride_b, shift_stride_b, opt_flags)
-            s = tl.arange(0, BLOCK_S)
-            mask = cmask[:, None] & (s < n_positions)[None, :]
-            offs = _tile_offsets(c, s, stride_outer, CL, INT64)
-            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat, dz = _dz_terms(dy, x, mask, mean, rstd, w_eff, b_eff, opt_flags)
+            c, cmask, gid, mean, rstd, w_eff, b_eff = _bwd_channels(
+                0, cw, group_channels, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, b, gb, f, group_blocks, frames,
+                scale_stride_b, shift_stride_b, opt_flags, CW_ALIGN, BLOCK_C, GPP)
+            offs, mask, xhat, dz = _dz_tile(dy_ptr, x_ptr, base, c, cmask, tl.arange(0, BLOCK_S), n_positions,
+                                            stride_outer, mean, rstd, w_eff, b_eff, opt_flags, CL, INT64)
             sum_dz_xhat = tl.sum(dz * xhat, axis=1)
             sum_dz = tl.sum(dz, axis=1)
             tl.store(part_ptr + part_row + c, sum_dz_xhat, mask=cmask)
             tl.store(part_ptr + C + part_row + c, sum_dz, mask=cmask)
             mean_g = _group_sum(w_eff * sum_dz, gid, GPP) / n_row
             mean_gx = _group_sum(w_eff * sum_dz_xhat, gid, GPP) / n_row
-            dx = rstd[:, None] * (dz * w_eff[:, None] - mean_g[:, None] - xhat * mean_gx[:, None])
-            tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            _store_dx(dx_ptr, base, offs, mask, dz, xhat, rstd, w_eff, mean_g, mean_gx)
         else:
             # Streaming (GPP == 1 unless one channel block holds the group block): mean and rstd per channel.
             if phase != 2:
@@ -380,20 +399,15 @@ def _bwd_kernel(
                 acc_gx = tl.zeros([BLOCK_C], tl.float32)
                 c0 = tl.zeros([], tl.int32)
                 while c0 < cw:
-                    c, cmask, gid = _channels(c0, cw, group_channels, CW_ALIGN, BLOCK_C)
-                    mean, rstd = _load_stats(stats_ptr, b, gb, f, gid, cmask, group_blocks, frames, GPP)
-                    w_eff, b_eff, _, _, _ = _coefs(w_ptr, b_ptr, scale_ptr, shift_ptr, b, gb * cw + c, cmask,
-                                                   scale_stride_b, shift_stride_b, opt_flags)
+                    c, cmask, gid, mean, rstd, w_eff, b_eff = _bwd_channels(
+                        c0, cw, group_channels, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, b, gb, f, group_blocks,
+                        frames, scale_stride_b, shift_stride_b, opt_flags, CW_ALIGN, BLOCK_C, GPP)
                     sum_dz_xhat = tl.zeros([BLOCK_C], tl.float32)
                     sum_dz = tl.zeros([BLOCK_C], tl.float32)
                     s0 = s_lo
                     while s0 < s_hi:
-                        s = s0 + tl.arange(0, BLOCK_S)
-                        mask = cmask[:, None] & (s < s_hi)[None, :]
-                        offs = _tile_offsets(c, s, stride_outer, CL, INT64)
-                        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                        xhat, dz = _dz_terms(dy, x, mask, mean, rstd, w_eff, b_eff, opt_flags)
+                        _, _, xhat, dz = _dz_tile(dy_ptr, x_ptr, base, c, cmask, s0 + tl.arange(0, BLOCK_S), s_hi,
+                                                  stride_outer, mean, rstd, w_eff, b_eff, opt_flags, CL, INT64)
                         sum_dz_xhat += tl.sum(dz * xhat, axis=1)
                         sum_dz += tl.sum(dz, axis=1)
                         s0 += BLOCK_S
@@ -419,20 +433,14 @@ def _bwd_kernel(
             if phase != 1:
                 c0 = tl.zeros([], tl.int32)
                 while c0 < cw:
-                    c, cmask, gid = _channels(c0, cw, group_channels, CW_ALIGN, BLOCK_C)
-                    mean, rstd = _load_stats(stats_ptr, b, gb, f, gid, cmask, group_blocks, frames, GPP)
-                    w_eff, b_eff, _, _, _ = _coefs(w_ptr, b_ptr, scale_ptr, shift_ptr, b, gb * cw + c, cmask,
-                                                   scale_stride_b, shift_stride_b, opt_flags)
+                    c, cmask, gid, mean, rstd, w_eff, b_eff = _bwd_channels(
+                        c0, cw, group_channels, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, b, gb, f, group_blocks,
+                        frames, scale_stride_b, shift_stride_b, opt_flags, CW_ALIGN, BLOCK_C, GPP)
                     s0 = s_lo
                     while s0 < s_hi:
-                        s = s0 + tl.arange(0, BLOCK_S)
-                        mask = cmask[:, None] & (s < s_hi)[None, :]
-                        offs = _tile_offsets(c, s, stride_outer, CL, INT64)
-                        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                        xhat, dz = _dz_terms(dy, x, mask, mean, rstd, w_eff, b_eff, opt_flags)
-                        dx = rstd[:, None] * (dz * w_eff[:, None] - mean_g[:, None] - xhat * mean_gx[:, None])
-                        tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                        offs, mask, xhat, dz = _dz_tile(dy_ptr, x_ptr, base, c, cmask, s0 + tl.arange(0, BLOCK_S), s_hi,
+                                                        stride_outer, mean, rstd, w_eff, b_eff, opt_flags, CL, INT64)
+                        _store_dx(dx_ptr, base, offs, mask, dz, xhat, rstd, w_eff, mean_g, mean_gx)
                         s0 += BLOCK_S
                     c0 += BLOCK_C
         row += tl.num_programs(0)

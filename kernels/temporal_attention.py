@@ -105,6 +105,15 @@ def _block_scores(q, k, bias, allowed, ok, qk_scale, HAS_BIAS: tl.constexpr, HAS
 
 
 @triton.jit
+def _tile_scores(q, k, bias_at, mask_at, rows, cols, sbias_i, sbias_j, smask_i, smask_j, tile_ok, s_ok, qk_scale,
+                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """`_block_scores` of the (rows, cols) tile, its bias and mask loaded through their strides."""
+    bias = tl.load(bias_at + rows * sbias_i + cols * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS else 0.0
+    allowed = tl.load(mask_at + rows * smask_i + cols * smask_j, mask=tile_ok, other=0) if HAS_MASK else 1
+    return _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, BIAS, MASK, OUT, LSE,
     sq_b, sq_s, sq_h, sq_t, sq_d, sk_b, sk_s, sk_h, sk_t, sk_d, sv_b, sv_s, sv_h, sv_t, sv_d,
@@ -144,9 +153,8 @@ def _fwd_kernel(
             tile_ok = (rows < T) & (cols < T)  # [1, BM, BK]: the bias / mask tile is the same for all BN sequences
             k = tl.load(k_at + keys * sk_t, mask=key_ok, other=0.0)
             v = tl.load(v_at + keys * sv_t, mask=key_ok, other=0.0)
-            bias = tl.load(bias_at + rows * sbias_i + cols * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS else 0.0
-            allowed = tl.load(mask_at + rows * smask_i + cols * smask_j, mask=tile_ok, other=0) if HAS_MASK else 1
-            sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
+            sc = _tile_scores(q, k, bias_at, mask_at, rows, cols, sbias_i, sbias_j, smask_i, smask_j, tile_ok, s_ok,
+                              qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
             m_new = tl.maximum(m, tl.max(sc, 2))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: p = 0, not NaN
             p = tl.math.exp2(sc - shift[:, :, None])
@@ -252,11 +260,8 @@ def _bwd_kernel(
                 tile_ok = (rows < T) & (cols < T)
                 k = tl.load(k_at + keys * sk_t, mask=key_ok, other=0.0)
                 v = tl.load(v_at + keys * sv_t, mask=key_ok, other=0.0)
-                bias = tl.load(bias_at + rows * sbias_i + cols * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS \
-                    else 0.0
-                allowed = tl.load(mask_at + rows * smask_i + cols * smask_j, mask=tile_ok, other=0) if HAS_MASK \
-                    else 1
-                sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
+                sc = _tile_scores(q, k, bias_at, mask_at, rows, cols, sbias_i, sbias_j, smask_i, smask_j, tile_ok,
+                                  s_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
                 p = tl.math.exp2(sc - lse[:, :, None])
                 ds = p * (_dot(do, v, False, True, PREC, UPCAST) - delta[:, :, None])
                 dq += _dot(ds.to(k.dtype), k, False, False, PREC, UPCAST)
@@ -286,11 +291,8 @@ def _bwd_kernel(
                 do = tl.load(do_at + rows * sdo_t, mask=row_ok, other=0.0)
                 lse = tl.load(LSE + stat, mask=stat_ok, other=0.0)
                 delta = tl.load(DELTA + stat, mask=stat_ok, other=0.0)
-                bias = tl.load(bias_at + rows * sbias_i + cols * sbias_j, mask=tile_ok, other=0.0) if HAS_BIAS \
-                    else 0.0
-                allowed = tl.load(mask_at + rows * smask_i + cols * smask_j, mask=tile_ok, other=0) if HAS_MASK \
-                    else 1
-                sc = _block_scores(q, k, bias, allowed, s_ok & tile_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
+                sc = _tile_scores(q, k, bias_at, mask_at, rows, cols, sbias_i, sbias_j, smask_i, smask_j, tile_ok,
+                                  s_ok, qk_scale, HAS_BIAS, HAS_MASK, PREC, UPCAST)
                 p = tl.math.exp2(sc - lse[:, :, None])
                 dv += _dot(p.to(do.dtype), do, True, False, PREC, UPCAST)
                 ds = p * (_dot(do, v, False, True, PREC, UPCAST) - delta[:, :, None])
