@@ -202,6 +202,12 @@ class GraphedStep:
         return torch.cuda.stream(self._side)
 
     def __call__(self, batch: dict, step: int) -> StepResult:
+        # The step's device current: a capture on another current device (cuda:1 while cuda:0 is current) records
+        # nothing, and replay launches on the current device's stream.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return self._step(batch, step)
+
+    def _step(self, batch: dict, step: int) -> StepResult:
         if not self.captured and (self.warm < WARMUP_STEPS or not self.eager.optimizer.state):
             with self._on_side_stream():
                 r = self.eager(batch, step)
