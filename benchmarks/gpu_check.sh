@@ -109,7 +109,7 @@ BENCH=("$PY" -m vdm_fast bench --no-plot --out "$OUT_DIR")
 run_phase "headline benchmarks" "${CAPS[3]}" "$OUT_DIR/bench.log" "${BENCH[@]}" \
   --filter group_norm_silu,temporal_attention,unet3d
 run_phase "other benchmarks" "${CAPS[4]}" "$OUT_DIR/bench.log" "${BENCH[@]}" \
-  --filter rel_pos_bias,sampling,host_path,patch
+  --filter rel_pos_bias,sampling,host_path,patch,train_step
 
 echo "== summary ($(($(date +%s) - START)) s of ${TOTAL} s)"
 "$PY" - "$OUT_DIR" "[${PHASES_JSON%,}]" "$DRY" <<'PY'

@@ -2,13 +2,15 @@
 tolerance is a same-precision baseline, as in the DDP test), each rank holds about half of the weights, AdamW state
 and EMA, the checkpoint is the plain single-file format (it loads in one process without FSDP), --resume under FSDP
 continues bitwise, --grad-accum skips the reduce-scatter on inner micro-steps, checkpoints move between FSDP and
-plain runs, and where FSDP cannot run --fsdp is one line and exit 2.
+plain runs (also those with the old layout-1 keys), --precision fp16 on 2 processes skips the same overflow steps
+as 1 process (ShardedGradScaler), and where FSDP cannot run --fsdp is one line and exit 2.
 
 What only runs on GPUs: NCCL, and the memory it saves (measured here as shard sizes, not as device memory)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -20,7 +22,7 @@ from test_train import _params as params
 import vdm_fast
 from vdm_fast import checkpoint as ckpt
 from vdm_fast.cli import main as cli
-from vdm_fast.model import Unet3D
+from vdm_fast.model import Unet3D, Unet3DConfig, legacy
 from vdm_fast.train import TrainConfig, Trainer, train
 from vdm_fast.train import fsdp as fsdp_mod
 
@@ -198,3 +200,139 @@ def test_fsdp_fp16_scaler_agrees_over_shards(tmp_path):
     assert [s for s, _ in result["losses"]] == [1, 2]
     assert all(torch.isfinite(torch.tensor(v)) for _, v in result["losses"])
     assert "scaler" in ckpt.load(tmp_path / "h", parts=("state",)).state
+
+
+def _to_layout1(state: dict, config) -> dict:
+    """Today's Unet3D keys -> layout 1's (the inverse of vdm_fast.model.legacy's renames), same order."""
+    inverse = {new: old for old, new in legacy.layout1_prefixes(config).items()}
+    out = {}
+    for k, v in state.items():
+        new = next((p for p in inverse if k.startswith(p)), None)
+        out[inverse[new] + k[len(new):] if new else k] = v
+    return out
+
+
+def test_fsdp_resumes_a_checkpoint_with_layout1_keys(tmp_path):
+    """A checkpoint written before the Level/MidBlock layout (model and EMA keys of layout 1) resumes under --fsdp
+    as without it: the same trajectory as resuming today's keys (fsdp.load_model_state converts, as
+    Unet3D.load_state_dict does on the plain path)."""
+    kw = {**CFG, "steps": 2}
+    train(TrainConfig(out=str(tmp_path / "new"), **kw))
+    c = ckpt.load(tmp_path / "new")
+    config = Unet3DConfig(**c.config["model"])
+    old_model, old_ema = _to_layout1(c.model, config), _to_layout1(c.ema, config)
+    assert set(old_model) != set(c.model) and any(k.startswith("mid.res.") for k in old_model)
+    assert legacy.convert_state_dict(old_model, config).keys() == c.model.keys()
+    ckpt.save(tmp_path / "old", c.step, config=c.config, model=old_model, ema=old_ema, optimizer=c.optimizer,
+              state=c.state)
+    runs = {}
+    for name, src, fs in (("plain", "new", False), ("fsdp-new", "new", True), ("fsdp-old", "old", True),
+                          ("plain-old", "old", False)):
+        shutil.copytree(tmp_path / src, tmp_path / name)
+        runs[name] = train(TrainConfig(out=str(tmp_path / name), fsdp=fs, resume=True, **{**CFG, "steps": 4}))
+        assert [s for s, _ in runs[name]["losses"]] == [3, 4], name
+    for name in ("fsdp-new", "fsdp-old", "plain-old"):
+        torch.testing.assert_close(torch.tensor([v for _, v in runs[name]["losses"]]),
+                                   torch.tensor([v for _, v in runs["plain"]["losses"]]), rtol=1e-5, atol=1e-7)
+    # Bitwise like the checkpoint of today's keys under FSDP: the conversion changes names, not values.
+    assert runs["fsdp-old"]["losses"] == runs["fsdp-new"]["losses"]
+    a, b = ckpt.load(tmp_path / "fsdp-old"), ckpt.load(tmp_path / "fsdp-new")
+    assert a.model.keys() == b.model.keys() == c.model.keys()  # saved again in today's layout
+    assert all(torch.equal(a.model[k], b.model[k]) and torch.equal(a.ema[k], b.ema[k]) for k in a.model)
+
+
+# 3 steps of fp16 autocast (GradScaler) on the 4-example global batch; step 2's gradients overflow on one rank.
+# 2 frames of 8x8 (still with attention at 8x8): fp16 autocast on a CPU is slow.
+FP16 = dict(CFG, precision="fp16", grad_accum=1, steps=3, frames=2, resolution=8)
+OVERFLOW_STEP = 2
+
+
+def _inject_overflow_and_record(trainer, *, overflow_rank: int) -> tuple[list, list]:
+    """Make one element of this rank's local gradients Inf before the scaler unscales them at step OVERFLOW_STEP
+    (on `overflow_rank` only); returns lists filled as the run goes: each step's [applied, overflow] and the scale
+    after it."""
+    rank = int(os.environ.get("RANK", "0"))
+    scaler, calls, flags, scales = trainer.scaler, [0], [], []
+    real_unscale, real_step = scaler.unscale_, trainer.train_step
+
+    def unscale_(optimizer):
+        calls[0] += 1
+        if calls[0] == OVERFLOW_STEP and rank == overflow_rank:
+            p = next(p for p in trainer.model.parameters() if p.grad is not None and fsdp_mod.local(p.grad).numel())
+            fsdp_mod.local(p.grad).view(-1)[0] = float("inf")
+        return real_unscale(optimizer)
+
+    def step(batch, i):
+        r = real_step(batch, i)
+        flags.append([float(r.applied), float(r.overflow)])
+        scales.append(scaler.get_scale())
+        return r
+
+    scaler.unscale_ = unscale_
+    trainer.train_step = step
+    return flags, scales
+
+
+def _fp16_worker(rank: int, world: int, port: int, root: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), VDM_FAST_BACKEND="reference")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with vdm_fast.backend("reference"):
+            trainer = Trainer(TrainConfig(out=os.path.join(root, "fsdp"), fsdp=True, **FP16))
+            try:
+                flags, scales = _inject_overflow_and_record(trainer, overflow_rank=1)
+                result = trainer.run()
+            finally:
+                trainer.close()
+        save_file({"losses": torch.tensor([v for _, v in result["losses"]]), "flags": torch.tensor(flags),
+                   "scales": torch.tensor(scales, dtype=torch.float64)},
+                  os.path.join(root, f"fp16-rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fp16_single(out, **kw) -> tuple[dict, dict]:
+    t = Trainer(TrainConfig(out=str(out), **{**FP16, **kw}))
+    try:
+        flags, scales = _inject_overflow_and_record(t, overflow_rank=0)
+        result = t.run()
+    finally:
+        t.close()
+    return {"losses": torch.tensor([v for _, v in result["losses"]]), "flags": torch.tensor(flags),
+            "scales": torch.tensor(scales, dtype=torch.float64)}, ckpt.load(out).model
+
+
+def test_fsdp_fp16_two_gloo_processes_skip_the_same_overflow_step_as_one_process(tmp_path):
+    """--fsdp --precision fp16 on 2 processes: an overflow in one rank's gradient shard is seen by both
+    (ShardedGradScaler all-reduces it), so both skip that step and back their scale off alike; the trajectory is
+    the 1-process fp16 run's (the same overflow injected) to rounding, bounded by a same-precision baseline (one
+    process summing the batch's two halves, as the 2 ranks do, against the whole batch)."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    root = str(tmp_path)
+    mp.spawn(_fp16_worker, args=(2, _free_port(), root), nprocs=2, join=True)
+    r0, r1 = (load_file(os.path.join(root, f"fp16-rank{r}.safetensors")) for r in range(2))
+    one, ref = _fp16_single(tmp_path / "one")
+    halves, halves_model = _fp16_single(tmp_path / "halves", grad_accum=2)
+    expected = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    for r in (r0, r1, one, halves):  # step 2 skipped as an overflow on every rank, the others applied
+        assert torch.equal(r["flags"], expected), r["flags"]
+    assert torch.equal(r0["scales"], r1["scales"]) and torch.equal(r0["scales"], one["scales"])
+    # Backed off once, on both ranks (a plain GradScaler would not on rank 0, whose own shards stayed finite).
+    assert float(r0["scales"][1]) == float(r0["scales"][0]) / 2
+    assert torch.equal(r0["losses"], r1["losses"])  # the global batch's loss on every rank
+    torch.manual_seed(0)  # the trainer's initial weights (--seed 0)
+    init = params(Unet3D.from_config(ckpt.load(tmp_path / "one", parts=()).config["model"]))
+    assert sum(not torch.equal(init[k], v) for k, v in ref.items()) > len(ref) // 2  # it trained
+    base = change_err(halves_model, ref, init)
+    err = change_err(ckpt.load(tmp_path / "fsdp").model, ref, init)
+    assert err <= 10 * base + 1e-6, f"FSDP fp16 differs by {err:.2e} of the change, the baseline by {base:.2e}"
+    loss_base = float((halves["losses"] - one["losses"]).abs().max())
+    loss_err = float((r0["losses"] - one["losses"]).abs().max())
+    assert loss_err <= 10 * loss_base + 1e-6, (loss_err, loss_base)

@@ -128,6 +128,12 @@ class GaussianDiffusion(torch.nn.Module):
                 cond_mask = keep if cond_mask is None else cond_mask & keep
         elif cond_mask is not None:
             raise ValueError("cond_mask was given without cond")
+        return self.loss_given(x, t, noise, cond, cond_mask, **model_kw)
+
+    def loss_given(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor | None = None,
+                   cond_mask: torch.Tensor | None = None, **model_kw) -> torch.Tensor:
+        """`loss` for a fixed draw (t, noise, cond_mask), without its argument checks: no host sync and no random
+        draw, so a CUDA graph can capture it (vdm_fast.train.graph). Check the arguments first (`loss` does)."""
         logsnr64 = self.schedule.logsnr(t.to(x.device), torch.float64)
         alpha, sigma = alpha_sigma(logsnr64)
         alpha, sigma = alpha.to(x.dtype), sigma.to(x.dtype)

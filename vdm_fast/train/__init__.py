@@ -12,16 +12,19 @@ Which options for which model (memory per GPU, P parameters, fp32 master weights
   recomputes the rest in backward (same gradients bitwise, one more forward per block); use both for the 1 B presets;
 - `--precision auto` is bf16 autocast on GPUs (fp32 weights and optimizer); `--precision fp16` (a GradScaler skips
   the steps whose gradients overflow and backs its scale off) for GPUs without bf16; `--compile` compiles the model
-  with Inductor (the first steps are slow); `torchrun --nproc_per_node=N` splits --batch-size over N GPUs (DDP);
+  with Inductor (the first steps are slow); `--cuda-graph` captures the whole step in CUDA graphs (small models,
+  whose steps are launch-bound; one GPU, static shapes); `torchrun --nproc_per_node=N` splits --batch-size over N
+  GPUs (DDP);
 - `--fsdp` (FSDP2) shards those 20P bytes over the N processes (20P / N each, plus one block's gathered weights):
   use it when 20P does not fit one GPU beside the activations, e.g. `ucf101` on 8 x 24 GB (2.9 GB each instead of
   23 GB); where 20P fits, DDP is simpler (one all-reduce a step; FSDP all-gathers each block's weights in forward
   and again in backward, then reduce-scatters). Same checkpoints, exact --resume (train.fsdp).
 
 The parts: config (TrainConfig, its checks and the resume policy), trainer (Trainer, train), step (one optimizer
-step: accumulation, precision, the non-finite guard), ema (EMA, for any training loop), fsdp (FSDP2 sharding and
-its full state dicts), resume (the run folder and checkpoints), distributed (process group, devices, timeouts),
-interrupts (SIGINT/SIGTERM), logs (log, loss curve, progress), samples (preview videos), cli (the options).
+step: accumulation, precision, the non-finite guard), graph (that step captured in CUDA graphs), ema (EMA, for any
+training loop), fsdp (FSDP2 sharding and its full state dicts), resume (the run folder and checkpoints),
+distributed (process group, devices, timeouts), interrupts (SIGINT/SIGTERM), logs (log, loss curve, progress),
+samples (preview videos), cli (the options).
 Imports point one way: cli -> trainer -> the others.
 """
 

@@ -77,7 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt(g, "--prediction", "prediction", str, "what the network predicts", choices=PREDICTIONS)
     flag(g, "--gradient-checkpointing", "gradient_checkpointing",
          "recompute each block's activations in backward (less memory, ~30%% more compute; same gradients)")
-    flag(g, "--compile", "compile", "torch.compile the model (Inductor; the first steps compile)")
+    flag(g, "--compile", "compile", "torch.compile the model (Inductor; the first steps compile): fewer, fused "
+         "kernels, for any model size")
+    flag(g, "--cuda-graph", "cuda_graph", "capture the whole training step (forward, backward, AdamW) in CUDA graphs "
+         "after 3 warm-up steps and replay it: removes the host's launch cost, for small models whose steps are "
+         "launch-bound; one CUDA process, static shapes, not with --compile, --fsdp, fp16 or "
+         "--gradient-checkpointing")
     flag(g, "--fsdp", "fsdp", "shard weights, gradients, AdamW state and EMA over the torchrun processes (FSDP2, "
          "torch >= 2.6) instead of DDP: 20P/N bytes per GPU instead of 20P, for models whose optimizer state does not "
          "fit one GPU; same checkpoints, exact --resume")

@@ -62,6 +62,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model (Inductor)
     fsdp: bool = False  # shard weights, gradients, AdamW state and EMA over the processes (FSDP2) instead of DDP
+    cuda_graph: bool = False  # capture the whole training step in CUDA graphs and replay it (train.graph)
     max_nonfinite_steps: int = 3  # stop after this many non-finite steps in a row
     seed: int = 0
     workers: int = 2
@@ -157,8 +158,9 @@ def check(cfg: TrainConfig) -> None:
             isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b < 1
             for b in cfg.betas)):
         raise ValueError(f"--betas must be two finite numbers in [0, 1), e.g. 0.9,0.99; got {cfg.betas!r}")
-    if not isinstance(cfg.fsdp, bool):
-        raise TypeError(f"--fsdp is True or False, got {cfg.fsdp!r}")
+    for name in ("fsdp", "cuda_graph", "compile"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise TypeError(f"{option(name)} is True or False, got {getattr(cfg, name)!r}")
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum ({cfg.grad_accum})")
     if cfg.resume and cfg.overwrite:

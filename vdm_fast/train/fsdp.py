@@ -20,7 +20,8 @@ its own shard. The update is DDP's to fp32 rounding (the same global batch, redu
   written with `torch.optim`'s integer parameter ids, so a checkpoint resumes with or without --fsdp and loads in a
   single process (`vdm_fast.checkpoint.load`, `Unet3D.load_state_dict`, `AdamW.load_state_dict`). On --resume every
   rank reads the checkpoint and `set_model_state_dict` / `set_optimizer_state_dict` keep its shards: the trajectory
-  continues bitwise.
+  continues bitwise. Checkpoints with an earlier layout's keys (vdm_fast.model.legacy) are converted before that
+  (FSDP's loader matches keys itself, before Unet3D's load would rename them).
 - --grad-accum K: the inner micro-steps run with `set_requires_gradient_sync(False)` (gradients accumulate
   unsharded, no reduce-scatter; memory grows by the unsharded gradients for those steps), the last one reduces.
 - --precision fp16: a ShardedGradScaler (each rank sees only its shards' overflow; the scaler all-reduces it, so
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vdm_fast.model import legacy
 from vdm_fast.model.unet3d import Block, MidBlock
 
 
@@ -108,10 +110,13 @@ def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict (every rank passes it; each keeps its shards)."""
+    """Load a full state dict (every rank passes it; each keeps its shards). Keys of an earlier Unet3D layout are
+    converted first: set_model_state_dict matches the keys itself, before Unet3D's own load would rename them."""
     if not is_sharded(module):
         module.load_state_dict(state)
         return
+    if hasattr(module, "config"):
+        state = legacy.convert_state_dict(state, module.config)
     _state_dict_api().set_model_state_dict(module, state, options=_options())
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vdm_fast import checkpoint as ckpt
 from vdm_fast import run_dir
-from vdm_fast.train import fsdp
+from vdm_fast.train import fsdp, graph
 from vdm_fast.train.config import TrainConfig, merge_resumed
 from vdm_fast.train.distributed import gather_rng
 from vdm_fast.train.logs import LOSS_PNG
@@ -146,7 +146,8 @@ def save(trainer) -> Path | None:
     # Under FSDP these gather the shards (collectives: every rank takes part; the full copies reach rank 0 only).
     model = fsdp.model_state(trainer.model)
     ema = fsdp.model_state(trainer.ema.module) if trainer.ema else None
-    optimizer = fsdp.optimizer_state(trainer.model, trainer.optimizer)
+    # Plain hyper-parameters (a --cuda-graph run's AdamW has a tensor lr): the checkpoint resumes with or without it.
+    optimizer = graph.portable_optimizer_state(fsdp.optimizer_state(trainer.model, trainer.optimizer))
     if not trainer.d.main:
         return None
     cfg = trainer.cfg

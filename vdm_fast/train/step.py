@@ -60,6 +60,15 @@ def make_scaler(cfg: TrainConfig, device: torch.device):
     return torch.amp.GradScaler(device.type)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: a float, or filled into the device tensor a capturable AdamW reads (train.graph)."""
+    for g in optimizer.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)  # in place: a captured optimizer step reads this tensor's memory
+        else:
+            g["lr"] = lr
+
+
 class TrainStep:
     """`step(batch, step_index) -> StepResult` for `module` (the loss module, maybe DDP-wrapped) training `model`."""
 
@@ -71,8 +80,8 @@ class TrainStep:
         self.dtype = autocast_dtype(cfg, device)
         self.sharded = fsdp.is_sharded(model)
 
-    def _inputs(self, batch: dict, part: slice) -> tuple[tuple, dict]:
-        cfg, dev = self.cfg, self.device
+    def _inputs(self, batch: dict, part: slice, device: torch.device | str | None = None) -> tuple[tuple, dict]:
+        cfg, dev = self.cfg, device or self.device
         x = batch["video"][part].to(dev, non_blocking=True)
         kw = {"t": batch["t_u"][part].to(dev, non_blocking=True),
               "noise": batch["noise"][part].to(dev, non_blocking=True), "cond_drop_prob": 0.0}
@@ -94,8 +103,7 @@ class TrainStep:
         n = len(batch["video"])
         if n % k:
             raise ValueError(f"the local batch ({n}) must be divisible by --grad-accum ({k})")
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(cfg, step)
+        set_lr(self.optimizer, lr_at(cfg, step))
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for i in range(k):

@@ -32,7 +32,7 @@ from vdm_fast._cli import check_device
 from vdm_fast.data import GlobalBatchSampler, TrainingItems, make_dataset, make_image_source
 from vdm_fast.diffusion import GaussianDiffusion
 from vdm_fast.model import Unet3D
-from vdm_fast.train import distributed, fsdp, resume
+from vdm_fast.train import distributed, fsdp, graph, resume
 from vdm_fast.train.config import TrainConfig, layout, model_config
 from vdm_fast.train.ema import EMA
 from vdm_fast.train.interrupts import StopSignals, ignore_in_workers
@@ -75,6 +75,8 @@ class Trainer:
         self.d = distributed.setup_distributed(distributed.device_kind(cfg.device), cfg.ddp_timeout,
                                                group_of_one=cfg.fsdp)
         self.device = distributed.pick_device(cfg.device, self.d)
+        if cfg.cuda_graph:
+            graph.check(cfg, self.device, self.d.world_size)  # one line naming --cuda-graph where it cannot run
         if cfg.batch_size % (self.d.world_size * cfg.grad_accum):
             raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes "
                              f"({self.d.world_size}) times --grad-accum ({cfg.grad_accum}): it is the global batch")
@@ -115,8 +117,12 @@ class Trainer:
         if self.d.world_size > 1 and not cfg.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DDP(self.train_module, device_ids=ids)
+        if cfg.cuda_graph:  # after resume.load: a loaded AdamW takes the checkpoint's plain hyper-parameters
+            graph.make_capturable(self.optimizer, self.device)
         self.train_step = TrainStep(cfg, self.d, self.device, self.train_module, self.model, self.optimizer,
                                     self.ema, self.scaler, self.num_classes, self.frames)
+        if cfg.cuda_graph:
+            self.train_step = graph.GraphedStep(self.train_step, self.diffusion)
 
     # ---- state ----------------------------------------------------------------------------------------------------
     def train_time(self) -> float:
