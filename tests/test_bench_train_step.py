@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import bench_train_step
+from vdm_fast.benchmarks import bench_train_step
 
 
 def test_quick_cpu_rows():
