@@ -353,6 +353,8 @@ def _layout(shape, strides):
     """(S, stride_b, stride_outer, CL) of compact strides viewed as (B, C, S)."""
     dims = [d for d in range(2, len(shape)) if shape[d] != 1]
     S = math.prod(shape[2:])
+    if S == 0:  # nothing to launch: any layout will do
+        return 0, strides[0], strides[1], False
     for a, b in zip(dims, dims[1:]):
         assert strides[a] == strides[b] * shape[b], (shape, strides)
     stride_s = strides[dims[-1]] if dims else 1
