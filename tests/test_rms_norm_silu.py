@@ -343,6 +343,72 @@ def test_custom_op_rejects_unknown_impl():
         torch.ops.vdm_fast.rms_norm_silu(torch.randn(2, 4, 3), None, 1e-12, None, None, True, "reference")
 
 
+@pytest.mark.parametrize("fmt", [False, True], ids=["contiguous", "channels_last"])
+def test_int64_offsets_past_2_31(tmp_path, monkeypatch, fmt):
+    """One sample spanning more than 2^31 elements (channel or position stride 2^30 + 8): the plan turns on 64-bit
+    offsets and forward and every gradient match the reference. No 8 GB tensor exists: x, dy, y and dx are views of
+    sparse memory-mapped files (test_group_norm_silu's `_sparse_view`); only the launcher's output allocation is
+    substituted (y and dx share x's layout)."""
+    from test_group_norm_silu import _sparse_view  # the one definition of the sparse-file view
+
+    k = _kernels()
+    big = 2**30 + 8
+    shape = (2, 4, 2, 3)
+    strides = (8, big, 3, 1) if not fmt else (8 * big, 1, 3 * big, big)
+    x0, w, s, sh = _inputs(shape, torch.float16)
+    views = iter(range(4))
+
+    def sparse_like(t=None):
+        v = _sparse_view(tmp_path / f"t{next(views)}", shape, strides, torch.float16)
+        if t is not None:
+            v.copy_(t)
+        return v
+
+    monkeypatch.setattr(k, "_PLANS", {})
+    monkeypatch.setattr(k, "out_layout", lambda shape_, fmt_: strides)
+    monkeypatch.setattr(k, "empty_out", lambda x, fmt_: sparse_like())
+    x = sparse_like(x0)
+    assert k.plan(x).constexprs["INT64"] and not k.plan(x).copy_x and k.plan(x).constexprs["CL"] == fmt
+    leaves = [t.detach().requires_grad_() for t in (x, w, s, sh)]
+    with vdm_fast.backend("triton"):
+        y = ops.rms_norm_silu(leaves[0], leaves[1], scale=leaves[2], shift=leaves[3])
+    assert y.stride() == strides
+    dy = sparse_like(torch.randn(shape).half())
+    y.backward(dy)
+    want, want_grads = _reference((x0, w, s, sh), dy.clone())
+    assert_close(y, want, TOL[torch.float16], "y")
+    for name, g, wg in zip(NAMES, [t.grad for t in leaves], want_grads):
+        assert_close(g, wg, TOL[torch.float16], name)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("fmt", [False, True], ids=["contiguous", "channels_last"])
+def test_forward_runs_only_its_kernel_and_two_allocations(monkeypatch, requires_grad, fmt):
+    """A forward call (the patched Block's: bf16 x, an fp32 gamma view, FiLM views of one projection) launches
+    exactly its one kernel and, besides, only allocates y and rstd: no fills, casts or copies (counted with
+    torch.profiler, as test_group_norm_silu's host-path test)."""
+    from test_group_norm_silu import _aten_ops_outside_launches, _CountedLaunch  # defined once, there
+
+    k = _kernels()
+    counts = {}
+    monkeypatch.setattr(k, "_fwd_kernel", _CountedLaunch(k._fwd_kernel, "fwd", counts))
+    x, _, _, _ = _inputs((2, 8, 2, 3, 4), torch.bfloat16, fmt=fmt)
+    gamma = torch.randn(8, 1, 1, 1)
+    emb = torch.randn(2, 16)
+    leaves = [t.requires_grad_(requires_grad) for t in (x, gamma, emb)]
+    scale, shift = leaves[2].chunk(2, dim=1)
+
+    def call():
+        with vdm_fast.backend("triton"):
+            return ops.rms_norm_silu(leaves[0], leaves[1].view(8), scale=scale, shift=shift)
+
+    call()  # plan cached
+    counts.clear()
+    names = _aten_ops_outside_launches(call)
+    assert counts == {"fwd": 1}
+    assert sorted(n for n in names if n != "aten::view") == ["aten::empty", "aten::empty_like"], names
+
+
 # ------------------------------------------------------------------------------------------------------- layer
 
 
@@ -392,6 +458,29 @@ def test_layer_replaces_rmsnorm_film_and_silu(fmt):
         layer(torch.randn(2, 8, 5))
     with pytest.raises(ValueError, match="dim"):
         RMSNormSiLU(0)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_layer_torch_compile_fullgraph(compile_backend):
+    """torch.compile(layers.RMSNormSiLU, fullgraph=True): no graph break, output and every gradient equal to eager's
+    (channels_last_3d, FiLM)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    layer = RMSNormSiLU(6).to(DEVICE)
+    with torch.no_grad():
+        layer.gamma.normal_()
+    x = torch.randn(2, 6, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    s = torch.randn(2, 6, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend=compile_backend)
+    dy = torch.randn(x.shape, device=DEVICE)
+    results = []
+    for fn in (compiled, layer):
+        with vdm_fast.backend("triton"):
+            y = fn(x, s, None)
+        results.append((y, *torch.autograd.grad(y, (x, s, layer.gamma), dy)))
+    for name, got, want in zip(("y", "dx", "dscale", "dgamma"), *results):
+        assert_close(got, want, 1e-6, f"compiled {name}")
 
 
 @pytest.mark.gpu
