@@ -57,6 +57,7 @@ MAX_WARPS = 8
 # Contiguous layout: at least this many consecutive positions per channel row of a tile (16 x 2 bytes = one 32-byte
 # sector of bf16); channels_last needs none (the channel vector itself is the contiguous run).
 MIN_BLOCK_S_CONTIGUOUS = 16
+CHUNK_SPLIT_BWD = 2  # the chunked backward's tile: TILE_BWD / 2 (see _make_plan)
 TARGET_PROGRAMS = 1056  # backward: about 8 programs per SM of a 132-SM GPU; fewer, longer ones write fewer partials
 PARAM_BLOCK_R, PARAM_BLOCK_C = 16, 128
 _LOG2E = tl.constexpr(LOG2E)
@@ -377,12 +378,17 @@ def _make_plan(shape, strides, dtype, backward: bool) -> Plan:
     min_bs = 1 if cl else MIN_BLOCK_S_CONTIGUOUS
     bc = next_pow2(C)
     onchip = bc * min_bs <= tile
-    if not onchip:
-        bc = tile // min_bs
-    bs = max(1, min(tile // bc, next_pow2(S)))
+    if onchip:
+        bs = max(1, min(tile // bc, next_pow2(S)))
+    else:
+        # Chunks of min_bs positions; the backward's of half a tile, on as many warps as a full one: its two sweeps
+        # keep x, dy, xhat, dz and g of a chunk live (a full tile spilled 12 times on sm_80 unspecialized).
+        bs = min(min_bs, next_pow2(S))
+        bc = tile // min_bs // (CHUNK_SPLIT_BWD if backward else 1)
     s_blocks = cdiv(S, bs)
     per_thread = ELEMS_PER_THREAD_BWD if backward else ELEMS_PER_THREAD
-    warps = max(1, min(MAX_WARPS, next_pow2(max(1, bc * bs // (32 * per_thread)))))
+    elems = bc * bs if onchip else tile  # chunked: the warps of a full tile
+    warps = max(1, min(MAX_WARPS, next_pow2(max(1, elems // (32 * per_thread)))))
     if backward:
         progs = max(1, min(s_blocks, cdiv(TARGET_PROGRAMS, max(B, 1))))
         blocks_per_prog = cdiv(s_blocks, progs)
