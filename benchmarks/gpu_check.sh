@@ -91,7 +91,7 @@ fi
 "$PY" -m vdm_fast info >>"$OUT_DIR/install.log" 2>&1 && grep -E "^(torch|triton|vdm_fast._C|GPU) " "$OUT_DIR/install.log"
 
 OP_TESTS=(tests/test_rel_pos_bias.py tests/test_group_norm_silu.py tests/test_temporal_attention.py)
-for f in tests/test_temporal_attention_packed.py tests/test_op_contract.py; do [ -f "$f" ] && OP_TESTS+=("$f"); done
+for f in tests/test_temporal_attention_packed.py tests/test_op_contract.py tests/test_rms_norm_silu.py; do [ -f "$f" ] && OP_TESTS+=("$f"); done
 # A test file that cannot be collected there (a peer package missing) must not stop the others.
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider --maxfail=5 --continue-on-collection-errors)
 if [ "$DRY" = 1 ]; then
@@ -109,7 +109,7 @@ BENCH=("$PY" -m vdm_fast bench --no-plot --out "$OUT_DIR")
 run_phase "headline benchmarks" "${CAPS[3]}" "$OUT_DIR/bench.log" "${BENCH[@]}" \
   --filter group_norm_silu,temporal_attention,unet3d
 run_phase "other benchmarks" "${CAPS[4]}" "$OUT_DIR/bench.log" "${BENCH[@]}" \
-  --filter rel_pos_bias,sampling,host_path,patch,train_step
+  --filter rel_pos_bias,rms_norm_silu,sampling,host_path,patch,train_step
 
 echo "== summary ($(($(date +%s) - START)) s of ${TOTAL} s)"
 "$PY" - "$OUT_DIR" "[${PHASES_JSON%,}]" "$DRY" <<'PY'

@@ -42,3 +42,76 @@ def run_python(*args: str, timeout: float = 300, env: dict | None = None):
 
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=tempfile.gettempdir())
+
+
+# video-diffusion-pytorch imports these at module level for its Trainer, Dataset and attention layers, none of which
+# the Block / RMSNorm / ResnetBlock tests build. torchvision in particular cannot be installed beside a CPU-only torch
+# 2.13 (no matching wheel), which would leave the package untested. So a test may import it with whichever of them is
+# unimportable replaced by a stub (every attribute a placeholder), inserted into sys.modules only for the duration of
+# the import (the package keeps its references to the placeholders); `VDP_STUBBED` records which were. Install the
+# package itself with `pip install --no-deps video-diffusion-pytorch==0.7.0`.
+VDP_MODULE = "video_diffusion_pytorch.video_diffusion_pytorch"
+VDP_OPTIONAL_DEPS = ("torchvision", "einops_exts", "rotary_embedding_torch")
+VDP_STUBBED: set[str] = set()
+
+
+class _StubbedOut:
+    """What a stubbed module's attribute is: a placeholder whose attributes and calls are placeholders (the package
+    calls some at import time: `def gif_to_tensor(..., transform=T.ToTensor())`)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __call__(self, *args, **kwargs):
+        return _StubbedOut(f"{self._name}()")
+
+    def __repr__(self) -> str:
+        return f"<test stub {self._name}>"
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _StubbedOut(f"{self._name}.{attr}")
+
+
+def _stub_module(name: str):
+    import types
+
+    mod = types.ModuleType(name, "a test stub: see tests/helpers.py")
+
+    def getattr_(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _StubbedOut(f"{name}.{attr}")
+
+    mod.__getattr__ = getattr_
+    return mod
+
+
+def import_video_diffusion_pytorch():
+    """video-diffusion-pytorch's model module, imported with stubs for the unimportable ones of VDP_OPTIONAL_DEPS
+    (recorded in VDP_STUBBED); ImportError (the reason) if the package itself is not installed."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if VDP_MODULE in sys.modules and sys.modules[VDP_MODULE] is not None:
+        return sys.modules[VDP_MODULE]
+    if importlib.util.find_spec("video_diffusion_pytorch") is None:
+        raise ImportError("video-diffusion-pytorch is not installed (pip install --no-deps "
+                          "video-diffusion-pytorch==0.7.0)")
+    stubs = {}
+    for dep in VDP_OPTIONAL_DEPS:
+        try:
+            importlib.import_module(dep)
+        except Exception:  # noqa: BLE001 - torchvision beside a mismatched torch raises RuntimeError, not ImportError
+            for key in [k for k in sys.modules if k == dep or k.startswith(dep + ".")]:
+                del sys.modules[key]  # a half-imported package
+            stubs[dep] = sys.modules[dep] = _stub_module(dep)
+            VDP_STUBBED.add(dep)
+    try:
+        return importlib.import_module(VDP_MODULE)
+    finally:
+        for dep, stub in stubs.items():
+            if sys.modules.get(dep) is stub:
+                del sys.modules[dep]

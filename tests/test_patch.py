@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import GPU, assert_close, rel_err, run_python
+from helpers import GPU, VDP_STUBBED, assert_close, import_video_diffusion_pytorch, rel_err, run_python
 from torch import nn
 
 import vdm_fast
@@ -292,14 +292,18 @@ def test_diffusers_temporal_attention_past_65535_sequences(diffusers):
 
 @pytest.fixture(scope="module")
 def vdp():
+    """video-diffusion-pytorch's model module; torchvision (and einops-exts / rotary-embedding-torch) stubbed where
+    unimportable (tests/helpers.py says why): the Block and RMSNorm tests need none of them."""
     try:
-        import video_diffusion_pytorch.video_diffusion_pytorch as module
-    except Exception as e:  # noqa: BLE001 - its import of torchvision fails with RuntimeError beside a CPU torch
+        return import_video_diffusion_pytorch()
+    except Exception as e:  # noqa: BLE001 - whatever else its import raises here
         pytest.skip(f"video-diffusion-pytorch cannot be imported here: {type(e).__name__}: {e}")
-    return module
 
 
 def _vdp_unet(vdp):
+    stubbed = VDP_STUBBED & {"einops_exts", "rotary_embedding_torch"}
+    if stubbed:
+        pytest.skip(f"Unet3D needs {', '.join(sorted(stubbed))} (not installed)")
     return _randomize(vdp.Unet3D(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=4, channels=3))
 
 
@@ -312,8 +316,8 @@ def test_vdp_unet3d(vdp, focus):
                                   nn.GroupNorm)
     # temporal attention: init + one per down/up level + mid; spatial: the mid one (skipped)
     expected = {"temporal_attention": 6, "rel_pos_bias": 1}
-    if group_norm_block:  # releases before 0.7
-        expected["group_norm_silu"] = blocks
+    # releases before 0.7: GroupNorm Blocks; 0.7: RMSNorm Blocks
+    expected["group_norm_silu" if group_norm_block else "rms_norm_silu"] = blocks
     assert report.counts == expected, str(report)
     assert any("not temporal attention" in s.reason for s in report.skipped)
     assert list(twin.state_dict()) == list(model.state_dict())
@@ -321,6 +325,92 @@ def test_vdp_unet3d(vdp, focus):
     inputs = dict(x=torch.randn(2, 3, 3, 8, 8), time=torch.tensor([3.0, 50.0]), focus_present_mask=mask)
     _compare(model, twin, inputs)
     _assert_restored(twin, model, inputs)
+
+
+def _needs_rms(vdp):
+    if not hasattr(vdp, "RMSNorm"):
+        pytest.skip("video-diffusion-pytorch < 0.7 installed: its Block has no RMSNorm")
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last_3d"])
+def test_vdp_07_resnet_block_rmsnorm(vdp, fmt):
+    """0.7's own ResnetBlock source (two Blocks with RMSNorm: block1 with the time embedding's scale/shift, block2
+    without): patched (rms_norm_silu, Triton through the interpreter) against unpatched, output and every gradient to
+    fp32 rounding (the fp64 original as arbiter), on the reference backend too; unpatch restores it bit for bit."""
+    from vdm_fast.patch import _common
+    from vdm_fast.patch import video_diffusion_pytorch as adapter
+
+    _needs_rms(vdp)
+    assert _common.fingerprint(vdp.RMSNorm.forward) in adapter.RMS_NORM_FORWARD
+    assert _common.fingerprint(vdp.Block.forward) in adapter.BLOCK_FORWARD
+    model = _randomize(vdp.ResnetBlock(5, 7, time_emb_dim=6))
+    x = torch.randn(2, 5, 3, 4, 5)
+    if fmt == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            assert model.block1.proj(x).is_contiguous(memory_format=torch.channels_last_3d)
+    twin, report = _patched_copy(model)
+    assert report.counts == {"rms_norm_silu": 2}, str(report)
+    assert not report.skipped and "0.7 Block (RMSNorm" in str(report)
+    assert list(twin.state_dict()) == list(model.state_dict())
+    inputs = dict(x=x, time_emb=torch.randn(2, 6))
+    _compare(model, twin, inputs)
+    with vdm_fast.backend("reference"):
+        want, want_grads = _run(model, inputs)
+        got, got_grads = _run(twin, inputs)
+    assert_close(got, want, FP32, "reference backend output")
+    for name, g in want_grads.items():
+        assert_close(got_grads[name], g, 1e-4, f"reference backend gradient of {name}")
+    again = patch(twin)
+    assert again.total == 0 and again.already_patched == 2
+    _assert_restored(twin, model, inputs)
+
+
+def test_vdp_07_block_decides_at_call_time(vdp):
+    """A patched 0.7 Block runs its original lines when fusing would change what it computes: a hook added on the
+    RMSNorm after patching, a scale/shift that is not per (sample, channel), an RMSNorm whose scale was changed."""
+    _needs_rms(vdp)
+    block = _randomize(vdp.Block(4, 6))
+    twin, report = _patched_copy(block)
+    assert report.counts == {"rms_norm_silu": 1}
+    x = torch.randn(2, 4, 3, 5, 5)
+    film = (torch.randn(2, 6, 1, 1, 1), torch.randn(2, 6, 1, 1, 1))
+    with torch.no_grad(), vdm_fast.backend("triton"):
+        assert_close(twin(x, film), block(x, film), FP32, "fused with FiLM")
+        assert_close(twin(x), block(x), FP32, "fused without FiLM")
+        calls = []
+        hook = twin.norm.register_forward_hook(lambda m, i, o: calls.append(1))
+        assert torch.equal(twin(x, film), block(x, film)) and calls == [1], "the hook must run"
+        hook.remove()
+        per_frame = (torch.randn(2, 6, 3, 1, 1), torch.randn(2, 6, 3, 1, 1))
+        assert torch.equal(twin(x, per_frame), block(x, per_frame))
+        twin.norm.scale = block.norm.scale = 2.0
+        assert torch.equal(twin(x, film), block(x, film))
+
+
+def test_vdp_07_unprovable_blocks_left_alone(vdp, monkeypatch):
+    from vdm_fast.patch import video_diffusion_pytorch as adapter
+
+    _needs_rms(vdp)
+    sub = vdp.Block(4, 6)
+    sub.norm = type("MyRMSNorm", (vdp.RMSNorm,), {})(6)
+    odd = vdp.Block(4, 6)
+    odd.norm.scale = 3.0
+    gelu = vdp.Block(4, 6)
+    gelu.act = nn.GELU()
+    hooked = vdp.Block(4, 6)
+    hooked.norm.register_forward_pre_hook(lambda m, i: None)
+    model = nn.ModuleDict(dict(sub=sub, odd=odd, gelu=gelu, hooked=hooked))
+    report = patch(model)
+    assert report.total == 0
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert "MyRMSNorm" in reasons["sub.norm"]
+    assert "dim ** 0.5" in reasons["odd.norm"]
+    assert "GELU" in reasons["gelu.norm"]
+    assert "hooks" in reasons["hooked.norm"]
+    monkeypatch.setattr(adapter, "RMS_NORM_FORWARD", {})  # a release whose RMSNorm.forward reads differently
+    report = patch(nn.ModuleDict(dict(plain=vdp.Block(4, 6))))
+    assert report.total == 0 and "RMSNorm.forward source" in report.skipped[0].reason
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")

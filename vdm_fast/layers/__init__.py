@@ -2,8 +2,9 @@
 
 from vdm_fast.layers.group_norm_silu import GroupNormSiLU
 from vdm_fast.layers.rel_pos_bias import RelativePositionBias
+from vdm_fast.layers.rms_norm_silu import RMSNormSiLU
 
-__all__ = ["GroupNormSiLU", "RelativePositionBias"]
+__all__ = ["GroupNormSiLU", "RelativePositionBias", "RMSNormSiLU"]
 
 from vdm_fast.layers.temporal_attention import TemporalAttention  # noqa: E402
 

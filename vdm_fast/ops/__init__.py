@@ -6,8 +6,9 @@ vdm_fast.reference, fast code (Triton in vdm_fast.kernels, or the compiled vdm_f
 from vdm_fast.ops.diffusion_update import diffusion_update
 from vdm_fast.ops.group_norm_silu import group_norm_silu
 from vdm_fast.ops.rel_pos_bias import rel_pos_bias
+from vdm_fast.ops.rms_norm_silu import rms_norm_silu
 
-__all__ = ["diffusion_update", "group_norm_silu", "rel_pos_bias"]
+__all__ = ["diffusion_update", "group_norm_silu", "rel_pos_bias", "rms_norm_silu"]
 
 from vdm_fast.ops.temporal_attention import (  # noqa: E402
     joint_video_image_mask,

@@ -7,6 +7,8 @@ everything else as it was, listed in the report with the reason:
   module's own parameters (state_dicts load unchanged): in an nn.Sequential (GroupNorm, SiLU); in diffusers'
   ResnetBlock2D (with its time-embedding scale/shift) and UNet3DConditionModel / UNetMotionModel output norm; in
   video-diffusion-pytorch's GroupNorm Blocks (with scale/shift);
+- video-diffusion-pytorch 0.7's RMSNorm Blocks (RMSNorm -> scale/shift -> SiLU) -> vdm_fast.ops.rms_norm_silu, with
+  the RMSNorm's own gamma (part of the group_norm_silu=True fusions);
 - temporal self-attention -> vdm_fast.ops.temporal_attention: diffusers' TransformerTemporalModel and AnimateDiff
   motion modules (through Attention.set_processor), video-diffusion-pytorch's temporal Attention (rotary q/k, its
   relative position bias, focus-present mask) and its RelativePositionBias (vdm_fast.ops.rel_pos_bias).
@@ -37,7 +39,8 @@ _KNOWN_NOT_SILU = {
 def patch(model: nn.Module, *, group_norm_silu: bool = True, attention: bool = True) -> PatchReport:
     """Patch model in place; returns the report (print it, or report.as_dict()).
 
-    group_norm_silu: fuse GroupNorm -> SiLU pairs. attention: temporal attention and relative position bias.
+    group_norm_silu: fuse GroupNorm -> SiLU pairs (and video-diffusion-pytorch 0.7's RMSNorm -> SiLU). attention:
+    temporal attention and relative position bias.
     Patching a patched model patches only what is new (the rest is counted as already_patched).
     The patched modules call vdm_fast's ops, so `vdm_fast.backend(...)` picks their implementation as for any op.
     """

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass(frozen=True)
 class Replaced:
-    """One module now running a vdm_fast op. kind: the op ("group_norm_silu", "temporal_attention",
+    """One module now running a vdm_fast op. kind: the op ("group_norm_silu", "rms_norm_silu", "temporal_attention",
     "rel_pos_bias"); path: the module's name in the model; how: the adapter that proved the equivalence."""
 
     kind: str

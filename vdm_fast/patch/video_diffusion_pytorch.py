@@ -1,8 +1,10 @@
 """Adapters for video-diffusion-pytorch (lucidrains) Unet3D.
 
 - Block (releases 0.4 to 0.6.3: proj -> nn.GroupNorm -> optional scale/shift -> nn.SiLU): fused into one
-  group_norm_silu with the FiLM. In 0.7 the norm is an RMSNorm: left alone (reported). In 0.3 Block is an
-  nn.Sequential(Conv3d, GroupNorm, SiLU), which the nn.Sequential adapter fuses.
+  group_norm_silu with the FiLM. In 0.7 the norm is the package's RMSNorm (`F.normalize(x, dim=1) * self.scale *
+  self.gamma`, scale = dim ** 0.5, gamma (dim, 1, 1, 1)): fused into one rms_norm_silu with the FiLM (same Block
+  forward source; the RMSNorm's forward has its own fingerprint). In 0.3 Block is an nn.Sequential(Conv3d,
+  GroupNorm, SiLU), which the nn.Sequential adapter fuses.
 - Attention wrapped in EinopsToAndFrom('b c f h w', 'b (h w) f c'), the temporal attention: q and k scaled and
   rotated (rotary embedding) as before, then softmax(q k^T + pos_bias, focus-present mask) v through
   vdm_fast.ops.temporal_attention. The spatial attention (sequence h*w) is left alone.
@@ -25,6 +27,8 @@ from vdm_fast.patch.report import PatchReport
 
 MODULE = "video_diffusion_pytorch.video_diffusion_pytorch"
 BLOCK_FORWARD = {"d5be31dad08ac67a": "video-diffusion-pytorch 0.4.2-0.7.0"}
+RMS_NORM_FORWARD = {"4df08555c4c12d76": "video-diffusion-pytorch 0.7.0"}
+RMS_KIND = "rms_norm_silu"
 ATTENTION_FORWARD = {"083efd73226057dd": "video-diffusion-pytorch 0.3.19-0.7.0"}
 EINOPS_FORWARD = {"9cc52b518ba2d449": "video-diffusion-pytorch 0.2.4-0.7.0"}
 REL_POS_FORWARD = {"47ac0e311085b084": "video-diffusion-pytorch 0.2.4-0.7.0"}
@@ -49,12 +53,62 @@ def _block_forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
         scale, shift = scale_shift
         scale, shift = _common.as_film(scale, x), _common.as_film(shift, x)
         if scale is None or shift is None or x.dim() not in group_norm.FUSED_DIMS:
-            x = self.norm(x)  # a scale_shift that broadcasts some other way: the original lines
-            x = x * (scale_shift[0] + 1) + scale_shift[1]
-            return self.act(x)
+            return _block_lines(self, x, scale_shift)  # a scale_shift that broadcasts some other way
     if x.dim() not in group_norm.FUSED_DIMS:
-        return self.act(self.norm(x))
+        return _block_lines(self, x, None)
     return group_norm.fused_group_norm_silu(self.norm, x, scale, shift)
+
+
+def _rms_fusable(norm, x: torch.Tensor) -> bool:
+    """At call time: the RMSNorm still computes what rms_norm_silu does on x (5-D x, the gamma (C, 1, 1, 1) it was
+    built with, its scale still sqrt(C)); else the Block's original lines run."""
+    gamma, C = norm.gamma, x.shape[1]
+    return (x.dim() == 5 and isinstance(gamma, torch.Tensor) and tuple(gamma.shape) == (C, 1, 1, 1)
+            and isinstance(norm.scale, (int, float)) and norm.scale == C ** 0.5)
+
+
+def _rms_block_forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
+    """Block.forward of 0.7: proj, then silu(rms_norm(x) * (scale + 1) + shift) in one op."""
+    if not _common.bypassable(self.norm, self.act):  # a hook or wrapper added after patching must run
+        return _common.original_forward(self)(x, scale_shift)
+    x = self.proj(x)
+    if not _rms_fusable(self.norm, x):
+        return _block_lines(self, x, scale_shift)
+    scale = shift = None
+    if scale_shift is not None:
+        scale, shift = _common.as_film(scale_shift[0], x), _common.as_film(scale_shift[1], x)
+        if scale is None or shift is None:  # a scale_shift that broadcasts some other way: the original lines
+            return _block_lines(self, x, scale_shift)
+    # CUDA autocast computes the RMSNorm's norm in fp32 and its division promotes to fp32: fed fp32 to match.
+    return ops.rms_norm_silu(_common.autocast_input(x), self.norm.gamma.view(x.shape[1]), scale=scale, shift=shift)
+
+
+def _block_lines(block, x: torch.Tensor, scale_shift) -> torch.Tensor:
+    """Block.forward after self.proj, as its source reads."""
+    x = block.norm(x)
+    if scale_shift is not None:
+        scale, shift = scale_shift
+        x = x * (scale + 1) + shift
+    return block.act(x)
+
+
+def _why_not_norm(block, vdp) -> tuple[str | None, str | None]:
+    """(kind, None) if block.norm is a norm this adapter fuses, else (None, the reason)."""
+    norm = block.norm
+    rms = getattr(vdp, "RMSNorm", None)
+    if type(norm) is nn.GroupNorm:
+        return group_norm.KIND, None
+    if rms is None or type(norm) is not rms:
+        return None, f"Block.norm is {type(norm).__name__}, not nn.GroupNorm or video-diffusion-pytorch's RMSNorm"
+    fp = _common.fingerprint(rms.forward)
+    if fp not in RMS_NORM_FORWARD:
+        return None, f"RMSNorm.forward source (fingerprint {fp}) is not one this adapter was proven against"
+    gamma = getattr(norm, "gamma", None)
+    if not isinstance(gamma, nn.Parameter) or gamma.dim() != 4 or tuple(gamma.shape[1:]) != (1, 1, 1):
+        return None, "RMSNorm.gamma is not a (dim, 1, 1, 1) parameter"
+    if not isinstance(getattr(norm, "scale", None), (int, float)) or norm.scale != gamma.shape[0] ** 0.5:
+        return None, f"RMSNorm.scale is {getattr(norm, 'scale', None)!r}, not dim ** 0.5"
+    return RMS_KIND, None
 
 
 def _patch_blocks(model, vdp, report: PatchReport, claimed: set[int]) -> None:
@@ -68,10 +122,11 @@ def _patch_blocks(model, vdp, report: PatchReport, claimed: set[int]) -> None:
             report.already_patched += 1
             continue
         fp = _common.fingerprint(type(block).forward)
+        kind, norm_reason = _why_not_norm(block, vdp)
         if fp not in BLOCK_FORWARD:
             reason = f"Block.forward source (fingerprint {fp}) is not one this adapter was proven against"
-        elif type(norm) is not nn.GroupNorm:
-            reason = f"Block.norm is {type(norm).__name__} (video-diffusion-pytorch >= 0.7), not nn.GroupNorm"
+        elif norm_reason:
+            reason = norm_reason
         elif type(block.act) is not nn.SiLU:
             reason = f"Block.act is {type(block.act).__name__}, not nn.SiLU"
         else:
@@ -81,8 +136,12 @@ def _patch_blocks(model, vdp, report: PatchReport, claimed: set[int]) -> None:
         if reason:
             report.skip(type(norm).__name__, where, f"in Block: {reason}")
             continue
-        _common.rebind(block, _block_forward, "video_diffusion_pytorch.Block")
-        report.add(group_norm.KIND, where, "video-diffusion-pytorch Block (GroupNorm, scale/shift, SiLU)")
+        if kind == RMS_KIND:
+            _common.rebind(block, _rms_block_forward, "video_diffusion_pytorch.Block:rms")
+            report.add(RMS_KIND, where, "video-diffusion-pytorch 0.7 Block (RMSNorm, scale/shift, SiLU)")
+        else:
+            _common.rebind(block, _block_forward, "video_diffusion_pytorch.Block")
+            report.add(group_norm.KIND, where, "video-diffusion-pytorch Block (GroupNorm, scale/shift, SiLU)")
 
 
 # -------------------------------------------------------------------------------------------------------- Attention

@@ -7,8 +7,9 @@ against them in fp64.
 from vdm_fast.reference.diffusion_update import diffusion_update
 from vdm_fast.reference.group_norm_silu import group_norm_silu
 from vdm_fast.reference.rel_pos_bias import rel_pos_bias, relative_position_bucket
+from vdm_fast.reference.rms_norm_silu import rms_norm_silu
 
-__all__ = ["diffusion_update", "group_norm_silu", "relative_position_bucket", "rel_pos_bias"]
+__all__ = ["diffusion_update", "group_norm_silu", "relative_position_bucket", "rel_pos_bias", "rms_norm_silu"]
 
 from vdm_fast.reference.temporal_attention import (  # noqa: E402
     joint_video_image_mask,
