@@ -28,6 +28,14 @@ each rank's loss is its shard's share of the total (the sum over ranks is the lo
 over a second set of ranks: build one frame group per data-parallel replica (torch.distributed.new_group) and pass
 `data_group=` to `all_reduce_gradients`, which averages over it after summing over the frame group.
 
+Gradient checkpointing (Unet3D.enable_gradient_checkpointing) works under the wrapper: a checkpointed block is
+recomputed in backward, after forward() has cleared the call's state, so every module holding a temporal attention
+carries the model's RECOMPUTE_STATE hook, which captures the call's frame shards, positions and mask at forward time
+and restores them for the recomputation. The recomputed attention then makes the same all-to-alls as in forward;
+every rank runs the same backward graph, so all ranks recompute the same blocks in the same order and the
+collectives pair up. (Under torch.compile the model checkpoints without the hook: the wrapper does not support
+compilation.)
+
 `batch_parallel` splits the batch instead: classifier-free guidance runs its conditional and unconditional halves
 (one batched call in GaussianDiffusion) on two ranks and gathers the result.
 
@@ -37,6 +45,7 @@ given, so equal seeds give equal noise and every rank holds the same sample.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -78,6 +87,19 @@ class _State:
         self.group, self.rank, self.world = group, rank, world
         self.shards: list[int] | None = None
         self.frames: dict = {}
+
+    def capture(self):
+        """A context manager that re-establishes this call's state (for a checkpointed block's recomputation)."""
+        return self._restore(self.shards, self.frames)
+
+    @contextlib.contextmanager
+    def _restore(self, shards, frames):
+        saved = self.shards, self.frames
+        self.shards, self.frames = shards, frames
+        try:
+            yield
+        finally:
+            self.shards, self.frames = saved
 
 
 class _AllToAll(torch.autograd.Function):
@@ -205,9 +227,6 @@ class FrameParallel(nn.Module):
             reason = _why_not_frame_local(m)
             if reason:
                 raise ValueError(f"model: frame_parallel cannot split {name or 'the model'} by frames: {reason}")
-        if getattr(getattr(model, "config", None), "gradient_checkpointing", False):
-            raise ValueError("model: gradient checkpointing recomputes attention outside the frame-parallel call; "
-                             "disable it (model.disable_gradient_checkpointing()) to run frame_parallel")
         self.model = model
         self._state = _State(group, rank, world)
         self.attentions = 0
@@ -218,6 +237,11 @@ class FrameParallel(nn.Module):
                 m.__dict__["forward"] = functools.partial(_parallel_temporal_forward, m, self._state)
                 m.__dict__[_MARK] = True
                 self.attentions += 1
+        # Gradient checkpointing recomputes a block in backward, after forward() has cleared the call's state: each
+        # module holding a temporal attention (what the model may checkpoint) captures it for its recomputation.
+        for m in model.modules():
+            if any(isinstance(sub, TemporalAttention) for sub in m.modules()):
+                m.__dict__[unet3d.RECOMPUTE_STATE] = self._state.capture
 
     @property
     def rank(self) -> int:
@@ -280,6 +304,7 @@ class FrameParallel(nn.Module):
     def unwrap(self) -> nn.Module:
         """Undo the wrapping: the model's temporal attentions become plain layers again; returns the model."""
         for m in self.model.modules():
+            m.__dict__.pop(unet3d.RECOMPUTE_STATE, None)
             if m.__dict__.pop(_MARK, None):
                 m.__dict__.pop("forward", None)
         return self.model
