@@ -102,10 +102,16 @@ WORKER = textwrap.dedent('''
         z = torch.randn(4, 3, 4, 8, 8)
         c, mask = torch.randn(4, 6), torch.tensor([True, True, False, False])  # conditional and null halves
         ls = torch.randn(4)
-        with torch.no_grad():
-            want = m(z, ls, cond=c, cond_mask=mask)
-            got = batch_parallel(m)(z, ls, cond=c, cond_mask=mask)
+        pos = torch.tensor([3, 4, 6, 7])  # (T,) frame indices with T == the batch: not split like a per-sample tensor
+        weight = torch.randn(4, 3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+        zs = z.clone().requires_grad_()
+        want = m(zs, ls, cond=c, cond_mask=mask, positions=pos)
+        (want * weight).sum().backward()  # the input gradient, as reconstruction guidance takes it
+        zp = z.clone().requires_grad_()
+        got = batch_parallel(m)(zp, ls, cond=c, cond_mask=mask, positions=pos)
+        (got * weight).sum().backward()
         assert rel(got, want) < 1e-6, rel(got, want)
+        assert rel(zp.grad, zs.grad) < 1e-6, rel(zp.grad, zs.grad)
     dist.destroy_process_group()
     print("ok", rank)
 ''')

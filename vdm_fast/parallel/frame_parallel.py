@@ -153,42 +153,41 @@ def _parallel_temporal_forward(module: TemporalAttention, state: _State, x: torc
     return _exchange_to_frames(out, state.shards, pos, (h, w), state)
 
 
-def _all_gather_frames(x: torch.Tensor, shards: list[int], state: _State) -> torch.Tensor:
-    """Every rank's frame shard of x concatenated along T (shards padded to the longest for all_gather)."""
-    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, max(shards) - x.shape[2])).contiguous()
+def _all_gather(x: torch.Tensor, shards: list[int], dim: int, state: _State) -> torch.Tensor:
+    """Every rank's shard of x concatenated along `dim` (shards padded to the longest for all_gather)."""
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, max(shards) - x.shape[dim]]
+    padded = torch.nn.functional.pad(x, pad).contiguous()
     parts = [torch.empty_like(padded) for _ in shards]
     dist.all_gather(parts, padded, group=state.group)
-    return torch.cat([p[:, :, :t] for p, t in zip(parts, shards)], dim=2)
+    return torch.cat([p.narrow(dim, 0, t) for p, t in zip(parts, shards)], dim=dim)
 
 
-class _ShardFrames(torch.autograd.Function):
-    """This rank's frames of the full input. Backward: every rank's frames' input gradient gathered, so that the
-    full input gets the whole gradient on every rank (as a single process would give it)."""
+class _Shard(torch.autograd.Function):
+    """This rank's shard (along `dim`) of the full input. Backward: every rank's shard's input gradient gathered, so
+    that the full input gets the whole gradient on every rank (as a single process would give it)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shards: list[int], state: _State):
-        ctx.shards, ctx.state = shards, state
-        start = sum(shards[:state.rank])
-        return x[:, :, start:start + shards[state.rank]]
+    def forward(ctx, x: torch.Tensor, shards: list[int], dim: int, state: _State):
+        ctx.shards, ctx.dim, ctx.state = shards, dim, state
+        return x.narrow(dim, sum(shards[:state.rank]), shards[state.rank])
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_frames(grad, ctx.shards, ctx.state), None, None
+        return _all_gather(grad, ctx.shards, ctx.dim, ctx.state), None, None, None
 
 
-class _GatherFrames(torch.autograd.Function):
-    """All ranks' frame shards concatenated along T. Backward: this rank's own frames' slice of the gradient (every
+class _Gather(torch.autograd.Function):
+    """All ranks' shards concatenated along `dim`. Backward: this rank's own shard's slice of the gradient (every
     rank computed the same loss from the same gathered tensor, so summing the copies would count it world times)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shards: list[int], state: _State):
-        ctx.start = sum(shards[:state.rank])
-        ctx.length = shards[state.rank]
-        return _all_gather_frames(x, shards, state)
+    def forward(ctx, x: torch.Tensor, shards: list[int], dim: int, state: _State):
+        ctx.start, ctx.length, ctx.dim = sum(shards[:state.rank]), shards[state.rank], dim
+        return _all_gather(x, shards, dim, state)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[:, :, ctx.start:ctx.start + ctx.length], None, None
+        return grad.narrow(ctx.dim, ctx.start, ctx.length), None, None, None
 
 
 # Modules the wrapper knows to be local to each frame (or handled: TemporalAttention). Anything else with
@@ -278,7 +277,7 @@ class FrameParallel(nn.Module):
         if sharded and x.shape[2] != shards[st.rank]:
             raise ValueError(f"x: rank {st.rank} must pass frames {mine.start}..{mine.stop - 1} "
                              f"({shards[st.rank]} of {total}), got {x.shape[2]} frames")
-        local = x if sharded else _ShardFrames.apply(x, shards, st)
+        local = x if sharded else _Shard.apply(x, shards, 2, st)
         if positions is not None:
             if not isinstance(positions, torch.Tensor) or positions.shape[-1] != total:
                 raise ValueError(f"positions must hold the whole video's {total} frame indices, "
@@ -288,7 +287,7 @@ class FrameParallel(nn.Module):
             out = self.model(local, *args, **kwargs)
         finally:
             st.shards, st.frames = None, {}
-        return out if sharded else _GatherFrames.apply(out, shards, st)
+        return out if sharded else _Gather.apply(out, shards, 2, st)
 
     def all_reduce_gradients(self, data_group=None) -> None:
         """Sum every parameter gradient over the frame group (each rank holds its frames' share), then average over
@@ -319,13 +318,16 @@ def frame_parallel(model: nn.Module, group=None) -> FrameParallel:
 class BatchParallel(nn.Module):
     """`model` with the batch split across the ranks of `group` and the output gathered on every rank: for
     classifier-free guidance, GaussianDiffusion's one batched call of (conditional, unconditional) halves runs
-    each half on its own rank of a 2-rank group. The batch must divide by the world size. For sampling (no
-    backward through the gather)."""
+    each half on its own rank of a 2-rank group. The batch must divide by the world size. Tensor arguments with the
+    batch's length are split (a 1-D `positions` holds frame indices, not one per sample, and is not). Gradients flow
+    to x as with one process (reconstruction guidance differentiates the prediction with respect to z), when every
+    rank computes the same loss from the gathered output."""
 
     def __init__(self, model: nn.Module, group=None):
         super().__init__()
         rank, world = _group_info(group)
         self.model, self.group, self.rank, self.world = model, group, rank, world
+        self._state = _State(group, rank, world)
 
     def forward(self, x: torch.Tensor, logsnr: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         b = x.shape[0]
@@ -334,14 +336,15 @@ class BatchParallel(nn.Module):
         n = b // self.world
         part = slice(self.rank * n, (self.rank + 1) * n)
 
-        def split(v):
+        def split(v, name=None):
+            if name == "positions" and isinstance(v, torch.Tensor) and v.dim() == 1:
+                return v
             return v[part] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b else v
 
-        out = self.model(x[part], split(logsnr), *(split(a) for a in args),
-                         **{k: split(v) for k, v in kwargs.items()})
-        parts = [torch.empty_like(out) for _ in range(self.world)]
-        dist.all_gather(parts, out.contiguous(), group=self.group)
-        return torch.cat(parts, dim=0)
+        shards = [n] * self.world
+        out = self.model(_Shard.apply(x, shards, 0, self._state), split(logsnr), *(split(a) for a in args),
+                         **{k: split(v, k) for k, v in kwargs.items()})
+        return _Gather.apply(out, shards, 0, self._state)
 
 
 def batch_parallel(model: nn.Module, group=None) -> BatchParallel:
