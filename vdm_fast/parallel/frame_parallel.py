@@ -289,16 +289,33 @@ class FrameParallel(nn.Module):
             st.shards, st.frames = None, {}
         return out if sharded else _Gather.apply(out, shards, 2, st)
 
-    def all_reduce_gradients(self, data_group=None) -> None:
+    def all_reduce_gradients(self, data_group=None, bucket_bytes: int = 64 << 20) -> None:
         """Sum every parameter gradient over the frame group (each rank holds its frames' share), then average over
-        `data_group` if given (data parallelism over frame-parallel replicas)."""
+        `data_group` if given (data parallelism over frame-parallel replicas). Gradients travel flattened in buckets
+        of about `bucket_bytes` (one collective per bucket and group, not per parameter)."""
+        grads = []
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # every rank must join each collective in the same order
-            dist.all_reduce(p.grad, group=self._state.group)
-            if data_group is not None:
-                dist.all_reduce(p.grad, group=data_group)
-                p.grad /= dist.get_world_size(data_group)
+            grads.append(p.grad)
+        bucket, size = [], 0
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            nxt = grads[i + 1] if i + 1 < len(grads) else None
+            if nxt is None or size >= bucket_bytes or (nxt.dtype, nxt.device) != (g.dtype, g.device):
+                self._reduce_bucket(bucket, data_group)
+                bucket, size = [], 0
+
+    def _reduce_bucket(self, grads: list[torch.Tensor], data_group) -> None:
+        flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
+        dist.all_reduce(flat, group=self._state.group)
+        if data_group is not None:
+            dist.all_reduce(flat, group=data_group)
+            flat /= dist.get_world_size(data_group)
+        if len(grads) > 1 or flat.data_ptr() != grads[0].data_ptr():
+            for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(piece.view_as(g))
 
     def unwrap(self) -> nn.Module:
         """Undo the wrapping: the model's temporal attentions become plain layers again; returns the model."""
