@@ -39,6 +39,10 @@ compilation.)
 `batch_parallel` splits the batch instead: classifier-free guidance runs its conditional and unconditional halves
 (one batched call in GaussianDiffusion) on two ranks and gathers the result.
 
+The command lines build on this: `torchrun -m vdm_fast.sample --frame-parallel` / `--cfg-parallel` (vdm_fast.sample)
+and `torchrun -m vdm_fast.train --frame-parallel` (vdm_fast.train.frame_parallel), over the grid of frame groups x
+replicas of vdm_fast.parallel.mesh.
+
 Noise is never drawn here: GaussianDiffusion.sample on a wrapped model draws on every rank from the generator it is
 given, so equal seeds give equal noise and every rank holds the same sample.
 """
