@@ -106,6 +106,7 @@ def test_parallel_sample_writes_the_one_process_videos_from_rank_0(run, tmp_path
     ({}, ["--frame-parallel"], ["torchrun --nproc_per_node=N -m vdm_fast.sample --frame-parallel"]),
     ({}, ["--cfg-parallel", "--guidance", "1"], ["torchrun", "--cfg-parallel"]),
     ({"WORLD_SIZE": "2"}, [], ["without --frame-parallel"]),
+    ({"WORLD_SIZE": "2"}, ["--frame-parallel", "--device", "cuda:1"], ["--device cuda:1", "LOCAL_RANK"]),
     ({"WORLD_SIZE": "2"}, ["--frame-parallel-size", "2"], ["--frame-parallel-size is for --frame-parallel"]),
     ({"WORLD_SIZE": "8"}, ["--frame-parallel"], ["--frames 4", "fewer frames than the 8 processes"]),
     ({"WORLD_SIZE": "4"}, ["--frame-parallel", "--frame-parallel-size", "4", "--extend-to", "8", "--window", "3"],

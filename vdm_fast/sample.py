@@ -205,6 +205,9 @@ def check_parallel(args: argparse.Namespace) -> tuple[int, int]:
     if not mesh.launched():
         raise ValueError(f"{flag} runs one sampling job over several processes: launch it with torchrun "
                          f"--nproc_per_node=N -m vdm_fast.sample {flag} ... (N processes, e.g. one per GPU)")
+    if str(args.device).lower().startswith("cuda:") and world > 1:
+        raise ValueError(f"--device {args.device}: with {flag} each process takes GPU LOCAL_RANK; use --device cuda "
+                         "or auto (CUDA_VISIBLE_DEVICES picks the GPUs)")
     if args.cfg_parallel and not args.guidance:
         raise ValueError("--cfg-parallel runs the two branches of classifier-free guidance on two processes: it needs "
                          "--guidance > 0")
@@ -226,8 +229,8 @@ def check_parallel(args: argparse.Namespace) -> tuple[int, int]:
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before the checkpoint is read: ValueError naming the option. The outputs are
     checked on the process that writes them (rank 0; the only one without torchrun)."""
-    check_device(args.device)
     check_parallel(args)
+    check_device(args.device)
     if mesh.env_rank() == 0:
         video_io.check_output(args.out, "--out")
     if args.strip:
