@@ -25,8 +25,9 @@ are the contributions of the frames it computed: `all_reduce_gradients()` sums t
 gives the single-process gradient. In drop-in mode every rank must compute the same loss from the gathered output
 (the gather's backward keeps each rank's own frames' gradient and does not sum identical copies); in sharded mode
 each rank's loss is its shard's share of the total (the sum over ranks is the loss). Combined with data parallelism
-over a second set of ranks: build one frame group per data-parallel replica (torch.distributed.new_group) and pass
-`data_group=` to `all_reduce_gradients`, which averages over it after summing over the frame group.
+over a second set of ranks: build one frame group per data-parallel replica (`mesh.make_layout(K)` builds the grid of
+frame groups x replicas) and pass `data_group=` to `all_reduce_gradients`, which averages over it after summing over
+the frame group (flattened into buckets: a few collectives per step, not one per parameter).
 
 Gradient checkpointing (Unet3D.enable_gradient_checkpointing) works under the wrapper: a checkpointed block is
 recomputed in backward, after forward() has cleared the call's state, so every module holding a temporal attention
