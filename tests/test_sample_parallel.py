@@ -1,6 +1,6 @@
 """`torchrun -m vdm_fast.sample --frame-parallel / --cfg-parallel`: the sample CLI's main run as 2 (and 4) gloo
 processes with torchrun's environment writes, from rank 0 only, the videos one process writes, to fp32 rounding
-(frames split, guidance branches split, both on a 2 x 2 grid, and an extension whose reconstruction guidance
+(frames split unevenly, guidance branches split, both on a 2 x 2 grid, and an extension whose reconstruction guidance
 differentiates through the split model); the misuses are one line and exit 2 before any process group forms."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _one_process(run, out, argv) -> torch.Tensor:
 
 
 CASES = {  # world, flags, other options, the wrappers
-    "frames": (2, ["--frame-parallel"], ["--num", "2"], "FrameParallel"),
+    "frames": (2, ["--frame-parallel"], ["--num", "2", "--frames", "3"], "FrameParallel"),  # uneven: 2 + 1
     "extend": (2, ["--frame-parallel"], ["--num", "1", "--extend-to", "6", "--window", "4", "--sampler", "ddim"],
                "FrameParallel"),
     "cfg": (2, ["--cfg-parallel"], ["--num", "2", "--guidance", "1.5", "--label", "1", "--label", "2"],
