@@ -115,3 +115,36 @@ def import_video_diffusion_pytorch():
         for dep, stub in stubs.items():
             if sys.modules.get(dep) is stub:
                 del sys.modules[dep]
+
+
+def run_ranks(code: str, world: int, *args: str, timeout: float = 300, env: dict | None = None) -> list:
+    """Run the Python `code` as `world` processes at once, each with torchrun's environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR/PORT on a free local port) and `args` as its argv, from outside the source tree (see
+    run_python); returns each rank's (returncode, stdout, stderr)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "rank.py")
+        with open(script, "w") as f:
+            f.write(code)
+        base = dict(os.environ if env is None else env, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs = [subprocess.Popen([sys.executable, script, *args], cwd=tmp, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
+        results = []
+        try:
+            for p in procs:
+                out, err = p.communicate(timeout=timeout)
+                results.append((p.returncode, out, err))
+        finally:
+            for p in procs:
+                p.kill()
+        return results

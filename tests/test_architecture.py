@@ -201,12 +201,13 @@ RANK = {
     "vdm_fast.ops": 3,
     "vdm_fast.layers": 4,
     "vdm_fast.model": 5, "vdm_fast.diffusion": 5, "vdm_fast.patch": 5, "vdm_fast.data": 5, "vdm_fast.run_dir": 5,
-    "vdm_fast.sample": 6, "vdm_fast.parallel": 6,  # parallel: wraps a model (frame and batch parallelism)
-    "vdm_fast.train": 7,  # writes sample videos through vdm_fast.sample
-    "vdm_fast": 8,  # vdm_fast/__init__.py: the facade
-    "vdm_fast.info": 9,
-    "vdm_fast.cli": 10,
-    "vdm_fast.__main__": 11,
+    "vdm_fast.parallel": 6,  # wraps a model (frame and batch parallelism)
+    "vdm_fast.sample": 7,  # samples frame- or batch-parallel through vdm_fast.parallel
+    "vdm_fast.train": 8,  # writes sample videos through vdm_fast.sample
+    "vdm_fast": 9,  # vdm_fast/__init__.py: the facade
+    "vdm_fast.info": 10,
+    "vdm_fast.cli": 11,
+    "vdm_fast.__main__": 12,
 }
 
 

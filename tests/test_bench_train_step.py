@@ -4,7 +4,6 @@ rows saying why --compile (Inductor compiles for minutes here) and --cuda-graph 
 from __future__ import annotations
 
 import torch
-
 from vdm_fast.benchmarks import bench_train_step
 
 

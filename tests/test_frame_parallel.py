@@ -62,6 +62,33 @@ WORKER = textwrap.dedent('''
             raise AssertionError("fewer frames than ranks must be refused")
         except ValueError as e:
             assert "fewer than" in str(e), e
+    elif mode == "checkpointing":
+        # Gradient checkpointing recomputes each block in backward: the recomputed temporal attentions must make the
+        # same all-to-alls with the call's frame shards, positions and mask. The reference runs without it.
+        xs = x.clone().requires_grad_()
+        want = model(xs, logsnr, **kw)
+        weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+        (want * weight).sum().backward()
+        want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        model.enable_gradient_checkpointing()
+        fp = frame_parallel(model)
+        for sharded in (False, True):
+            mine = fp.shard_of(T)
+            xp = (x[:, :, mine] if sharded else x).clone().requires_grad_()
+            if sharded:
+                got = fp(xp, logsnr, sharded=True, num_frames=T, **kw)
+                (got * weight[:, :, mine]).sum().backward()
+                assert rel(got, want[:, :, mine].detach()) < 1e-5
+                assert rel(xp.grad, xs.grad[:, :, mine]) < 1e-5
+            else:
+                got = fp(xp, logsnr, **kw)
+                (got * weight).sum().backward()
+                assert rel(got, want.detach()) < 1e-5 and rel(xp.grad, xs.grad) < 1e-5
+            fp.all_reduce_gradients(bucket_bytes=4096 if sharded else 64 << 20)  # many buckets, then one
+            errs = {n: rel(p.grad, want_grads[n]) for n, p in model.named_parameters() if n in want_grads}
+            assert len(errs) > 20 and max(errs.values()) < 1e-5, (sharded, max(errs.items(), key=lambda e: e[1]))
+            model.zero_grad(set_to_none=True)
     elif mode == "sample":
         diffusion = vdm_fast.GaussianDiffusion(model, prediction="v")
         shape = (1, 3, T, 8, 8)
@@ -75,10 +102,16 @@ WORKER = textwrap.dedent('''
         z = torch.randn(4, 3, 4, 8, 8)
         c, mask = torch.randn(4, 6), torch.tensor([True, True, False, False])  # conditional and null halves
         ls = torch.randn(4)
-        with torch.no_grad():
-            want = m(z, ls, cond=c, cond_mask=mask)
-            got = batch_parallel(m)(z, ls, cond=c, cond_mask=mask)
+        pos = torch.tensor([3, 4, 6, 7])  # (T,) frame indices with T == the batch: not split like a per-sample tensor
+        weight = torch.randn(4, 3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+        zs = z.clone().requires_grad_()
+        want = m(zs, ls, cond=c, cond_mask=mask, positions=pos)
+        (want * weight).sum().backward()  # the input gradient, as reconstruction guidance takes it
+        zp = z.clone().requires_grad_()
+        got = batch_parallel(m)(zp, ls, cond=c, cond_mask=mask, positions=pos)
+        (got * weight).sum().backward()
         assert rel(got, want) < 1e-6, rel(got, want)
+        assert rel(zp.grad, zs.grad) < 1e-6, rel(zp.grad, zs.grad)
     dist.destroy_process_group()
     print("ok", rank)
 ''')
@@ -107,6 +140,10 @@ def _spawn(world: int, mode: str, timeout: float = 240) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_frame_parallel_forward_backward_equals_one_process(world):
     _spawn(world, "forward_backward")
+
+
+def test_frame_parallel_with_gradient_checkpointing_equals_one_process():
+    _spawn(2, "checkpointing")
 
 
 def test_frame_parallel_sample_equals_one_process():

@@ -8,16 +8,28 @@ step is sampled; each error is one line naming the option and what it allows.
 
 From Python: `diffusion, config = load_run("runs/demo")`, then `generate(diffusion, shape, ...)` or
 `diffusion.sample(shape, ...)`, and `write_outputs(videos, "out.gif")`.
+
+Over several processes (`torchrun --nproc_per_node=N -m vdm_fast.sample --frame-parallel ...`), with the grid of
+vdm_fast.parallel.mesh: --frame-parallel splits each video's frames over a group of K = --frame-parallel-size
+processes (default: all; `frame_parallel`), and the world / K groups split the batch of every model call (the videos
+and the two guidance branches; `batch_parallel`); --cfg-parallel puts the conditional and unconditional branches on
+two processes (or two groups of K). Every process loads the checkpoint and runs the whole sampling loop with the same
+generator seed, so all draw the same noise and hold the same videos, equal to one process's to fp32 rounding; only
+rank 0 checks and writes the outputs and prints. The steps run eagerly there (no CUDA graph): a capture that failed
+on one rank only would fall back to eager on that rank alone and unpair the collectives.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from vdm_fast import checkpoint as ckpt
@@ -25,6 +37,7 @@ from vdm_fast import video_io
 from vdm_fast._cli import Parser, check_device, finite_float, nonneg_int, positive_int, run_guarded
 from vdm_fast.diffusion import SAMPLERS
 from vdm_fast.ops.temporal_attention import MAX_T
+from vdm_fast.parallel import batch_parallel, frame_parallel, mesh
 
 STRIP_FRAMES = 16  # a README-sized strip; --strip-frames changes it
 # What each sampler is, for --help; a sampler added to SAMPLERS without an entry here is listed by name.
@@ -76,14 +89,16 @@ def class_cond(labels, num: int, num_classes: int, device) -> torch.Tensor | Non
 def generate(diffusion, shape, *, steps: int = 64, sampler: str = "ancestral", guidance: float = 0.0,
              labels=None, num_classes: int = 0, seed: int = 0, extend_to: int | None = None,
              window: int | None = None, overlap: int | None = None, corrector_steps: int | None = None,
-             w_r: float | None = None, progress: bool = True) -> torch.Tensor:
-    """(B, C, T, H, W) samples in [-1, 1]; with extend_to, extended autoregressively to that many frames."""
+             w_r: float | None = None, progress: bool = True, cuda_graph: bool | None = None) -> torch.Tensor:
+    """(B, C, T, H, W) samples in [-1, 1]; with extend_to, extended autoregressively to that many frames.
+    cuda_graph: GaussianDiffusion.sample's (default: on for CUDA)."""
     model = diffusion.model
     dev = next(model.parameters()).device
     cond = class_cond(labels, shape[0], num_classes, dev)
     if guidance and cond is None:
         raise ValueError("--guidance needs a class-conditional model (trained with --class-cond)")
-    kw = dict(steps=steps, sampler=sampler, generator=torch.Generator(dev).manual_seed(seed), progress=progress)
+    kw = dict(steps=steps, sampler=sampler, generator=torch.Generator(dev).manual_seed(seed), progress=progress,
+              cuda_graph=cuda_graph)
     if cond is not None:
         kw.update(cond=cond, guidance_weight=guidance)
     if sampler == "pc":
@@ -163,16 +178,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"spaced (default: {STRIP_FRAMES})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or progress lines "
                    "(a terminal gets a bar, a log a line every 10 s); the final line is printed either way")
+    g = p.add_argument_group("several processes (torchrun --nproc_per_node=N -m vdm_fast.sample ...)")
+    g.add_argument("--frame-parallel", action="store_true", help="split each video's frames over the processes "
+                   "(or groups of --frame-parallel-size of them): videos too long or large for one GPU, exact; "
+                   "every process loads the checkpoint, rank 0 writes")
+    g.add_argument("--frame-parallel-size", type=positive_int, default=None, metavar="K", help="processes per video "
+                   "with --frame-parallel; the world / K groups split each model call's batch (the videos and the "
+                   "guidance branches) (default: all processes; with --cfg-parallel, half)")
+    g.add_argument("--cfg-parallel", action="store_true", help="the conditional and unconditional branches of "
+                   "--guidance on two processes (or two --frame-parallel groups), combined each step")
+
+
+def check_parallel(args: argparse.Namespace) -> tuple[int, int]:
+    """(K, R): processes per video and groups splitting the batch (1, 1 for one process), from the flags and
+    torchrun's environment, before any process group exists."""
+    world = mesh.env_world_size()
+    flag = "--frame-parallel" if args.frame_parallel else "--cfg-parallel" if args.cfg_parallel else None
+    if args.frame_parallel_size is not None and not args.frame_parallel:
+        raise ValueError("--frame-parallel-size is for --frame-parallel only")
+    if flag is None:
+        if world > 1:
+            raise ValueError(f"{world} processes (torchrun) without --frame-parallel or --cfg-parallel would each draw "
+                             "the same videos; add --frame-parallel (each video's frames split over them) or "
+                             "--cfg-parallel (the guidance branches on two)")
+        return 1, 1
+    if not mesh.launched():
+        raise ValueError(f"{flag} runs one sampling job over several processes: launch it with torchrun "
+                         f"--nproc_per_node=N -m vdm_fast.sample {flag} ... (N processes, e.g. one per GPU)")
+    if str(args.device).lower().startswith("cuda:") and world > 1:
+        raise ValueError(f"--device {args.device}: with {flag} each process takes GPU LOCAL_RANK; use --device cuda "
+                         "or auto (CUDA_VISIBLE_DEVICES picks the GPUs)")
+    if args.cfg_parallel and not args.guidance:
+        raise ValueError("--cfg-parallel runs the two branches of classifier-free guidance on two processes: it needs "
+                         "--guidance > 0")
+    if not args.frame_parallel:
+        if world != 2:
+            raise ValueError(f"--cfg-parallel alone runs on 2 processes (one per branch), got {world}; add "
+                             "--frame-parallel to split each branch's frames over more")
+        return 1, 2
+    if args.cfg_parallel and world % 2:
+        raise ValueError(f"--cfg-parallel with --frame-parallel needs an even number of processes (two groups), "
+                         f"got {world}")
+    k = args.frame_parallel_size or (world // 2 if args.cfg_parallel else world)
+    mesh.check_frame_size(k, world)
+    if args.cfg_parallel and world != 2 * k:
+        raise ValueError(f"--cfg-parallel with --frame-parallel-size {k} needs 2 x {k} processes, got {world}")
+    return k, world // k
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Everything that can be checked before the checkpoint is read: ValueError naming the option."""
+    """Everything that can be checked before the checkpoint is read: ValueError naming the option. The outputs are
+    checked on the process that writes them (rank 0; the only one without torchrun)."""
+    check_parallel(args)
     check_device(args.device)
-    video_io.check_output(args.out, "--out")
+    if mesh.env_rank() == 0:
+        video_io.check_output(args.out, "--out")
     if args.strip:
         if Path(args.strip).suffix.lower() != ".png":
             raise ValueError(f"--strip {args.strip!r}: the frame strip is a .png file")
-        video_io.check_output(args.strip, "--strip")
+        if mesh.env_rank() == 0:
+            video_io.check_output(args.strip, "--strip")
     if not Path(args.run).exists():
         raise FileNotFoundError(f"--run {args.run!r}: no such run or checkpoint directory")
     if args.frames is not None and args.frames > MAX_T:
@@ -211,7 +276,37 @@ def check_run(args: argparse.Namespace, config: dict) -> tuple[int, int]:
     class_cond(args.label, args.num, num_classes, "cpu")
     if args.guidance and not num_classes:
         raise ValueError("--guidance needs a class-conditional model (trained with --class-cond)")
+    k, r = check_parallel(args)
+    for what, t in (("--frames", frames), ("--window", window if args.extend_to else frames)):
+        if t < k:
+            raise ValueError(f"{what} {t}: fewer frames than the {k} processes that split each video "
+                             f"(--frame-parallel{'-size' if args.frame_parallel_size else ''}); each needs a frame")
+    branches = 2 if args.guidance else 1  # guidance: both branches in one model call
+    if args.num * branches % r:
+        raise ValueError(f"--num {args.num}: each model call's batch of {args.num * branches} does not split over the "
+                         f"{r} process groups; use a multiple of {r // math.gcd(r, branches)}")
     return frames, size
+
+
+def _device(requested: str, parallel: bool) -> str:
+    """The device of this process: under torchrun, GPU LOCAL_RANK for auto/cuda on a CUDA machine."""
+    if parallel and requested in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return requested
+
+
+def _parallelize(diffusion, args: argparse.Namespace, k: int, r: int) -> str:
+    """diffusion's model wrapped for the grid (a collective: every process calls it); returns how, for the log."""
+    layout = mesh.make_layout(k)
+    model = diffusion.model
+    if args.frame_parallel:
+        model = frame_parallel(model, layout.frame_group)
+    if r > 1:
+        model = batch_parallel(model, layout.data_group)
+    diffusion.model = model
+    parts = ([f"frames over {k} processes"] if args.frame_parallel else []) + (
+        [f"batch over {r} groups"] if r > 1 else [])
+    return ", ".join(parts)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -221,30 +316,50 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--run {args.run!r}: {e}") from None
     frames, size = check_run(args, saved.config)
+    k, r = check_parallel(args)
+    parallel = args.frame_parallel or args.cfg_parallel
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    diffusion, config = load_run(args.run, ema=args.ema, device=args.device)
+    device = _device(args.device, parallel)
+    created = parallel and not dist.is_initialized()
+    if created:
+        mesh.init_process_group(torch.device(device).type if device != "auto" else "cpu", timeout=1800.0)
+    try:
+        return _sample(args, frames, size, k, r, device, parallel)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _sample(args: argparse.Namespace, frames: int, size: int, k: int, r: int, device: str, parallel: bool) -> int:
+    main = not parallel or dist.get_rank() == 0
+    say = (lambda msg: print(msg, file=sys.stderr)) if main else (lambda msg: None)
+    diffusion, config = load_run(args.run, ema=args.ema, device=device)
+    how = _parallelize(diffusion, args, k, r) if parallel else ""
     mc, num_classes = config["model"], config.get("data", {}).get("num_classes", 0)
     dev = next(diffusion.model.parameters()).device
     shape = (args.num, mc["in_channels"], frames, size, size)
     threads = torch.get_num_threads()
-    print(f"sampling {args.num} x {frames} frames of {size}x{size} from {config['path']} (step {config['step']}, "
-          f"{config['weights']} weights) on {dev}, {threads} thread{'' if threads == 1 else 's'}, {args.sampler} "
-          f"sampler, {args.steps} steps" + (f", extended to {args.extend_to} frames" if args.extend_to else ""),
-          file=sys.stderr)
+    where = f"{dev}" + (f" x {dist.get_world_size()} processes ({how})" if parallel else "")
+    say(f"sampling {args.num} x {frames} frames of {size}x{size} from {config['path']} (step {config['step']}, "
+        f"{config['weights']} weights) on {where}, {threads} thread{'' if threads == 1 else 's'}, {args.sampler} "
+        f"sampler, {args.steps} steps" + (f", extended to {args.extend_to} frames" if args.extend_to else ""))
     t0 = time.perf_counter()
     videos = generate(diffusion, shape, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                       labels=args.label, num_classes=num_classes, seed=args.seed,
                       extend_to=args.extend_to, window=args.window, overlap=args.overlap,
-                      corrector_steps=args.corrector_steps, w_r=args.w_r, progress=args.progress)
+                      corrector_steps=args.corrector_steps, w_r=args.w_r, progress=args.progress and main,
+                      cuda_graph=False if parallel else None)
     seconds = time.perf_counter() - t0
+    if not main:
+        return 0
     written = write_outputs(videos, args.out, fps=args.fps, strip=args.strip or False, strip_frames=args.strip_frames)
     total = videos.shape[2]
     if args.strip and total > args.strip_frames:
-        print(f"{written[-1]}: the strip shows {args.strip_frames} of the {total} frames, evenly spaced "
-              f"(--strip-frames {total} shows all)", file=sys.stderr)
-    print(f"sampled {args.num} video{'' if args.num == 1 else 's'} of {total} frames in {seconds:.1f} s; wrote "
-          f"{', '.join(map(str, written))}", file=sys.stderr)
+        say(f"{written[-1]}: the strip shows {args.strip_frames} of the {total} frames, evenly spaced "
+            f"(--strip-frames {total} shows all)")
+    say(f"sampled {args.num} video{'' if args.num == 1 else 's'} of {total} frames in {seconds:.1f} s; wrote "
+        f"{', '.join(map(str, written))}")
     return 0
 
 

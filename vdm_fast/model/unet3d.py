@@ -18,6 +18,11 @@ same order as every earlier layout, so optimizer states keyed by parameter index
 Gradient checkpointing (config.gradient_checkpointing, enable_gradient_checkpointing()): each residual block and
 each attention block keeps only its inputs for backward and recomputes the rest, with the RNG state restored so that
 dropout draws the same mask; the kernels are deterministic, so loss and gradients are bitwise those without it.
+The recomputation runs at backward time, outside the forward's call: whatever call-scoped state the layers read is
+re-established for it as the forward saw it, the backend mode and, for a module carrying a `RECOMPUTE_STATE`
+attribute (a callable that captures that state now and returns a context manager restoring it), that state too
+(vdm_fast.parallel's frame shards of the current call, so that a recomputed temporal attention makes the same
+all-to-alls on every rank).
 """
 
 from __future__ import annotations
@@ -43,10 +48,29 @@ def _run(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
     if torch.compiler.is_compiling():  # the traced graph fixed the backend; compile takes no custom context_fn
         return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
     # The ops read the backend when called, and the recomputation runs at backward time, perhaps outside the
-    # forward's `with vdm_fast.backend(...)`: recompute under the forward's backend, or it would run other ops.
+    # forward's `with vdm_fast.backend(...)`: recompute under the forward's backend, or it would run other ops; the
+    # same for a wrapper's state of this call (RECOMPUTE_STATE).
     mode = _dispatch.current_mode()
+    capture = getattr(module, RECOMPUTE_STATE, None)
     return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True,
-                      context_fn=lambda: (contextlib.nullcontext(), _dispatch.backend(mode)), **kwargs)
+                      context_fn=lambda: _contexts(mode, capture), **kwargs)
+
+
+# The attribute naming a module's hook for state of the current call that its recomputation must see (see the
+# module docstring); set by wrappers such as vdm_fast.parallel.frame_parallel, which the model does not import.
+RECOMPUTE_STATE = "_vdm_fast_recompute_state"
+
+
+def _contexts(mode: str, capture) -> tuple:
+    """checkpoint's (forward, recompute) contexts, made at forward time: the state is captured now, entered later."""
+    restore = capture() if capture is not None else contextlib.nullcontext()
+    return contextlib.nullcontext(), _recompute_under(mode, restore)
+
+
+@contextlib.contextmanager
+def _recompute_under(mode: str, restore):
+    with _dispatch.backend(mode), restore:
+        yield
 
 
 def _is_channels_last_3d(x: torch.Tensor) -> bool:

@@ -25,11 +25,24 @@ are the contributions of the frames it computed: `all_reduce_gradients()` sums t
 gives the single-process gradient. In drop-in mode every rank must compute the same loss from the gathered output
 (the gather's backward keeps each rank's own frames' gradient and does not sum identical copies); in sharded mode
 each rank's loss is its shard's share of the total (the sum over ranks is the loss). Combined with data parallelism
-over a second set of ranks: build one frame group per data-parallel replica (torch.distributed.new_group) and pass
-`data_group=` to `all_reduce_gradients`, which averages over it after summing over the frame group.
+over a second set of ranks: build one frame group per data-parallel replica (`mesh.make_layout(K)` builds the grid of
+frame groups x replicas) and pass `data_group=` to `all_reduce_gradients`, which averages over it after summing over
+the frame group (flattened into buckets: a few collectives per step, not one per parameter).
+
+Gradient checkpointing (Unet3D.enable_gradient_checkpointing) works under the wrapper: a checkpointed block is
+recomputed in backward, after forward() has cleared the call's state, so every module holding a temporal attention
+carries the model's RECOMPUTE_STATE hook, which captures the call's frame shards, positions and mask at forward time
+and restores them for the recomputation. The recomputed attention then makes the same all-to-alls as in forward;
+every rank runs the same backward graph, so all ranks recompute the same blocks in the same order and the
+collectives pair up. (Under torch.compile the model checkpoints without the hook: the wrapper does not support
+compilation.)
 
 `batch_parallel` splits the batch instead: classifier-free guidance runs its conditional and unconditional halves
 (one batched call in GaussianDiffusion) on two ranks and gathers the result.
+
+The command lines build on this: `torchrun -m vdm_fast.sample --frame-parallel` / `--cfg-parallel` (vdm_fast.sample)
+and `torchrun -m vdm_fast.train --frame-parallel` (vdm_fast.train.frame_parallel), over the grid of frame groups x
+replicas of vdm_fast.parallel.mesh.
 
 Noise is never drawn here: GaussianDiffusion.sample on a wrapped model draws on every rank from the generator it is
 given, so equal seeds give equal noise and every rank holds the same sample.
@@ -37,6 +50,7 @@ given, so equal seeds give equal noise and every rank holds the same sample.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -78,6 +92,19 @@ class _State:
         self.group, self.rank, self.world = group, rank, world
         self.shards: list[int] | None = None
         self.frames: dict = {}
+
+    def capture(self):
+        """A context manager that re-establishes this call's state (for a checkpointed block's recomputation)."""
+        return self._restore(self.shards, self.frames)
+
+    @contextlib.contextmanager
+    def _restore(self, shards, frames):
+        saved = self.shards, self.frames
+        self.shards, self.frames = shards, frames
+        try:
+            yield
+        finally:
+            self.shards, self.frames = saved
 
 
 class _AllToAll(torch.autograd.Function):
@@ -131,42 +158,41 @@ def _parallel_temporal_forward(module: TemporalAttention, state: _State, x: torc
     return _exchange_to_frames(out, state.shards, pos, (h, w), state)
 
 
-def _all_gather_frames(x: torch.Tensor, shards: list[int], state: _State) -> torch.Tensor:
-    """Every rank's frame shard of x concatenated along T (shards padded to the longest for all_gather)."""
-    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, max(shards) - x.shape[2])).contiguous()
+def _all_gather(x: torch.Tensor, shards: list[int], dim: int, state: _State) -> torch.Tensor:
+    """Every rank's shard of x concatenated along `dim` (shards padded to the longest for all_gather)."""
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, max(shards) - x.shape[dim]]
+    padded = torch.nn.functional.pad(x, pad).contiguous()
     parts = [torch.empty_like(padded) for _ in shards]
     dist.all_gather(parts, padded, group=state.group)
-    return torch.cat([p[:, :, :t] for p, t in zip(parts, shards)], dim=2)
+    return torch.cat([p.narrow(dim, 0, t) for p, t in zip(parts, shards)], dim=dim)
 
 
-class _ShardFrames(torch.autograd.Function):
-    """This rank's frames of the full input. Backward: every rank's frames' input gradient gathered, so that the
-    full input gets the whole gradient on every rank (as a single process would give it)."""
+class _Shard(torch.autograd.Function):
+    """This rank's shard (along `dim`) of the full input. Backward: every rank's shard's input gradient gathered, so
+    that the full input gets the whole gradient on every rank (as a single process would give it)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shards: list[int], state: _State):
-        ctx.shards, ctx.state = shards, state
-        start = sum(shards[:state.rank])
-        return x[:, :, start:start + shards[state.rank]]
+    def forward(ctx, x: torch.Tensor, shards: list[int], dim: int, state: _State):
+        ctx.shards, ctx.dim, ctx.state = shards, dim, state
+        return x.narrow(dim, sum(shards[:state.rank]), shards[state.rank])
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_frames(grad, ctx.shards, ctx.state), None, None
+        return _all_gather(grad, ctx.shards, ctx.dim, ctx.state), None, None, None
 
 
-class _GatherFrames(torch.autograd.Function):
-    """All ranks' frame shards concatenated along T. Backward: this rank's own frames' slice of the gradient (every
+class _Gather(torch.autograd.Function):
+    """All ranks' shards concatenated along `dim`. Backward: this rank's own shard's slice of the gradient (every
     rank computed the same loss from the same gathered tensor, so summing the copies would count it world times)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shards: list[int], state: _State):
-        ctx.start = sum(shards[:state.rank])
-        ctx.length = shards[state.rank]
-        return _all_gather_frames(x, shards, state)
+    def forward(ctx, x: torch.Tensor, shards: list[int], dim: int, state: _State):
+        ctx.start, ctx.length, ctx.dim = sum(shards[:state.rank]), shards[state.rank], dim
+        return _all_gather(x, shards, dim, state)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[:, :, ctx.start:ctx.start + ctx.length], None, None
+        return grad.narrow(ctx.dim, ctx.start, ctx.length), None, None, None
 
 
 # Modules the wrapper knows to be local to each frame (or handled: TemporalAttention). Anything else with
@@ -205,9 +231,6 @@ class FrameParallel(nn.Module):
             reason = _why_not_frame_local(m)
             if reason:
                 raise ValueError(f"model: frame_parallel cannot split {name or 'the model'} by frames: {reason}")
-        if getattr(getattr(model, "config", None), "gradient_checkpointing", False):
-            raise ValueError("model: gradient checkpointing recomputes attention outside the frame-parallel call; "
-                             "disable it (model.disable_gradient_checkpointing()) to run frame_parallel")
         self.model = model
         self._state = _State(group, rank, world)
         self.attentions = 0
@@ -218,6 +241,11 @@ class FrameParallel(nn.Module):
                 m.__dict__["forward"] = functools.partial(_parallel_temporal_forward, m, self._state)
                 m.__dict__[_MARK] = True
                 self.attentions += 1
+        # Gradient checkpointing recomputes a block in backward, after forward() has cleared the call's state: each
+        # module holding a temporal attention (what the model may checkpoint) captures it for its recomputation.
+        for m in model.modules():
+            if any(isinstance(sub, TemporalAttention) for sub in m.modules()):
+                m.__dict__[unet3d.RECOMPUTE_STATE] = self._state.capture
 
     @property
     def rank(self) -> int:
@@ -254,7 +282,7 @@ class FrameParallel(nn.Module):
         if sharded and x.shape[2] != shards[st.rank]:
             raise ValueError(f"x: rank {st.rank} must pass frames {mine.start}..{mine.stop - 1} "
                              f"({shards[st.rank]} of {total}), got {x.shape[2]} frames")
-        local = x if sharded else _ShardFrames.apply(x, shards, st)
+        local = x if sharded else _Shard.apply(x, shards, 2, st)
         if positions is not None:
             if not isinstance(positions, torch.Tensor) or positions.shape[-1] != total:
                 raise ValueError(f"positions must hold the whole video's {total} frame indices, "
@@ -264,22 +292,40 @@ class FrameParallel(nn.Module):
             out = self.model(local, *args, **kwargs)
         finally:
             st.shards, st.frames = None, {}
-        return out if sharded else _GatherFrames.apply(out, shards, st)
+        return out if sharded else _Gather.apply(out, shards, 2, st)
 
-    def all_reduce_gradients(self, data_group=None) -> None:
+    def all_reduce_gradients(self, data_group=None, bucket_bytes: int = 64 << 20) -> None:
         """Sum every parameter gradient over the frame group (each rank holds its frames' share), then average over
-        `data_group` if given (data parallelism over frame-parallel replicas)."""
+        `data_group` if given (data parallelism over frame-parallel replicas). Gradients travel flattened in buckets
+        of about `bucket_bytes` (one collective per bucket and group, not per parameter)."""
+        grads = []
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # every rank must join each collective in the same order
-            dist.all_reduce(p.grad, group=self._state.group)
-            if data_group is not None:
-                dist.all_reduce(p.grad, group=data_group)
-                p.grad /= dist.get_world_size(data_group)
+            grads.append(p.grad)
+        bucket, size = [], 0
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            nxt = grads[i + 1] if i + 1 < len(grads) else None
+            if nxt is None or size >= bucket_bytes or (nxt.dtype, nxt.device) != (g.dtype, g.device):
+                self._reduce_bucket(bucket, data_group)
+                bucket, size = [], 0
+
+    def _reduce_bucket(self, grads: list[torch.Tensor], data_group) -> None:
+        flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
+        dist.all_reduce(flat, group=self._state.group)
+        if data_group is not None:
+            dist.all_reduce(flat, group=data_group)
+            flat /= dist.get_world_size(data_group)
+        if len(grads) > 1 or flat.data_ptr() != grads[0].data_ptr():
+            for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(piece.view_as(g))
 
     def unwrap(self) -> nn.Module:
         """Undo the wrapping: the model's temporal attentions become plain layers again; returns the model."""
         for m in self.model.modules():
+            m.__dict__.pop(unet3d.RECOMPUTE_STATE, None)
             if m.__dict__.pop(_MARK, None):
                 m.__dict__.pop("forward", None)
         return self.model
@@ -294,13 +340,16 @@ def frame_parallel(model: nn.Module, group=None) -> FrameParallel:
 class BatchParallel(nn.Module):
     """`model` with the batch split across the ranks of `group` and the output gathered on every rank: for
     classifier-free guidance, GaussianDiffusion's one batched call of (conditional, unconditional) halves runs
-    each half on its own rank of a 2-rank group. The batch must divide by the world size. For sampling (no
-    backward through the gather)."""
+    each half on its own rank of a 2-rank group. The batch must divide by the world size. Tensor arguments with the
+    batch's length are split (a 1-D `positions` holds frame indices, not one per sample, and is not). Gradients flow
+    to x as with one process (reconstruction guidance differentiates the prediction with respect to z), when every
+    rank computes the same loss from the gathered output."""
 
     def __init__(self, model: nn.Module, group=None):
         super().__init__()
         rank, world = _group_info(group)
         self.model, self.group, self.rank, self.world = model, group, rank, world
+        self._state = _State(group, rank, world)
 
     def forward(self, x: torch.Tensor, logsnr: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         b = x.shape[0]
@@ -309,14 +358,15 @@ class BatchParallel(nn.Module):
         n = b // self.world
         part = slice(self.rank * n, (self.rank + 1) * n)
 
-        def split(v):
+        def split(v, name=None):
+            if name == "positions" and isinstance(v, torch.Tensor) and v.dim() == 1:
+                return v
             return v[part] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b else v
 
-        out = self.model(x[part], split(logsnr), *(split(a) for a in args),
-                         **{k: split(v) for k, v in kwargs.items()})
-        parts = [torch.empty_like(out) for _ in range(self.world)]
-        dist.all_gather(parts, out.contiguous(), group=self.group)
-        return torch.cat(parts, dim=0)
+        shards = [n] * self.world
+        out = self.model(_Shard.apply(x, shards, 0, self._state), split(logsnr), *(split(a) for a in args),
+                         **{k: split(v, k) for k, v in kwargs.items()})
+        return _Gather.apply(out, shards, 0, self._state)
 
 
 def batch_parallel(model: nn.Module, group=None) -> BatchParallel:

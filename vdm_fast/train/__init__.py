@@ -19,12 +19,14 @@ Which options for which model (memory per GPU, P parameters, fp32 master weights
   use it when 20P does not fit one GPU beside the activations, e.g. `ucf101` on 8 x 24 GB (2.9 GB each instead of
   23 GB); where 20P fits, DDP is simpler (one all-reduce a step; FSDP all-gathers each block's weights in forward
   and again in backward, then reduce-scatters). Same checkpoints, exact --resume (train.fsdp).
+- `--frame-parallel [--frame-parallel-size K]` splits each clip's frames over K processes, for clips whose
+  activations do not fit one GPU, with world / K data-parallel replicas (train.frame_parallel).
 
 The parts: config (TrainConfig, its checks and the resume policy), trainer (Trainer, train), step (one optimizer
 step: accumulation, precision, the non-finite guard), graph (that step captured in CUDA graphs), ema (EMA, for any
-training loop), fsdp (FSDP2 sharding and its full state dicts), resume (the run folder and checkpoints),
-distributed (process group, devices, timeouts), interrupts (SIGINT/SIGTERM), logs (log, loss curve, progress),
-samples (preview videos), cli (the options).
+training loop), fsdp (FSDP2 sharding and its full state dicts), frame_parallel (frames of each clip over a group of
+processes), resume (the run folder and checkpoints), distributed (process group, devices, timeouts), interrupts
+(SIGINT/SIGTERM), logs (log, loss curve, progress), samples (preview videos), cli (the options).
 Imports point one way: cli -> trainer -> the others.
 """
 

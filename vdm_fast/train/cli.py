@@ -86,6 +86,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(g, "--fsdp", "fsdp", "shard weights, gradients, AdamW state and EMA over the torchrun processes (FSDP2, "
          "torch >= 2.6) instead of DDP: 20P/N bytes per GPU instead of 20P, for models whose optimizer state does not "
          "fit one GPU; same checkpoints, exact --resume")
+    flag(g, "--frame-parallel", "frame_parallel", "split the frames of each clip over the torchrun processes (or "
+         "groups of --frame-parallel-size): clips whose activations do not fit one GPU; gradients summed over each "
+         "group, averaged over the groups; the same updates as one process, to rounding")
+    opt(g, "--frame-parallel-size", "frame_parallel_size", pos, "processes per clip with --frame-parallel; the "
+        "world / K groups are data-parallel replicas splitting --batch-size", "all processes", metavar="K")
     g = p.add_argument_group("data")
     opt(g, "--data", "data", str, "'bouncing' (generated on the fly) or a folder of videos / directories of frames")
     opt(g, "--frames", "frames", pos, "frames per clip", "the preset's")

@@ -29,7 +29,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FIXED_ON_RESUME = ("preset", "overrides", "prediction", "frames", "resolution", "channels", "image_frames",
                    "class_cond")
 # Options that name this invocation only: never taken from the saved config.
-PER_INVOCATION = ("out", "resume", "overwrite", "resume_from_last_good", "reset_optimizer")
+# The process layout (--frame-parallel) is one too: a run resumes under another launch to rounding, as with DDP.
+PER_INVOCATION = ("out", "resume", "overwrite", "resume_from_last_good", "reset_optimizer", "frame_parallel",
+                  "frame_parallel_size")
 
 
 @dataclass
@@ -63,6 +65,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (Inductor)
     fsdp: bool = False  # shard weights, gradients, AdamW state and EMA over the processes (FSDP2) instead of DDP
     cuda_graph: bool = False  # capture the whole training step in CUDA graphs and replay it (train.graph)
+    frame_parallel: bool = False  # split each clip's frames over processes (train.frame_parallel)
+    frame_parallel_size: int = 0  # processes per clip with frame_parallel (0: all); the others are replicas
     max_nonfinite_steps: int = 3  # stop after this many non-finite steps in a row
     seed: int = 0
     workers: int = 2
@@ -161,6 +165,7 @@ def check(cfg: TrainConfig) -> None:
     for name in ("fsdp", "cuda_graph", "compile"):
         if not isinstance(getattr(cfg, name), bool):
             raise TypeError(f"{option(name)} is True or False, got {getattr(cfg, name)!r}")
+    _check_frame_parallel(cfg)
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum ({cfg.grad_accum})")
     if cfg.resume and cfg.overwrite:
@@ -168,6 +173,21 @@ def check(cfg: TrainConfig) -> None:
     if cfg.resume_from_last_good and not cfg.resume:
         raise ValueError("--resume-from-last-good needs --resume")
     model_config(cfg)
+
+
+def _check_frame_parallel(cfg: TrainConfig) -> None:
+    """--frame-parallel's combinations (what the launch must give is checked by train.frame_parallel)."""
+    if not isinstance(cfg.frame_parallel, bool):
+        raise TypeError(f"--frame-parallel is True or False, got {cfg.frame_parallel!r}")
+    _int(cfg, "frame_parallel_size", 0, meaning=" (0: all processes)")
+    if cfg.frame_parallel_size and not cfg.frame_parallel:
+        raise ValueError("--frame-parallel-size is for --frame-parallel only")
+    if cfg.frame_parallel and cfg.fsdp:
+        raise ValueError("--frame-parallel with --fsdp: FSDP shards the weights over all processes, which the frame "
+                         "groups would need as a 2-D mesh (not built); use one of them")
+    if cfg.frame_parallel and cfg.compile:
+        raise ValueError("--frame-parallel with --compile: the frame-parallel wrapper's collectives are not compiled; "
+                         "use one of them")
 
 
 # ------------------------------------------------------------------------------------------------------- the model

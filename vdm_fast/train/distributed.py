@@ -8,7 +8,6 @@ and `--resume` continues from it. A rank that died is noticed by the others at o
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vdm_fast import checkpoint as ckpt
+from vdm_fast.parallel import mesh
 
 
 class DistributedTimeout(RuntimeError):
@@ -29,10 +29,22 @@ class Dist:
     local_rank: int = 0
     owns_group: bool = False  # we initialised the process group, so we destroy it
     timeout: float = 300.0
+    # The data-parallel shard this rank reads, of how many: under DDP the rank and the world; the ranks of a
+    # --frame-parallel group share one (train.frame_parallel sets them).
+    replica: int | None = None
+    replicas: int | None = None
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank if self.replica is None else self.replica
+
+    @property
+    def data_world(self) -> int:
+        return self.world_size if self.replicas is None else self.replicas
 
 
 def setup_distributed(device_kind: str, timeout: float = 300.0, *, group_of_one: bool = False) -> Dist:
@@ -44,14 +56,7 @@ def setup_distributed(device_kind: str, timeout: float = 300.0, *, group_of_one:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and not group_of_one:
         return Dist(timeout=timeout)
-    if device_kind == "cuda":  # NCCL wants each process on its own GPU before the group forms
-        torch.cuda.set_device(local)
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    limit = datetime.timedelta(seconds=timeout)
-    if world <= 1:  # no rendezvous to make: an in-process store, no port, no environment needed
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=limit)
-    else:
-        dist.init_process_group(backend=backend, init_method="env://", timeout=limit)
+    mesh.init_process_group(device_kind, timeout)  # NCCL or gloo; one process: an in-memory store, no rendezvous
     return Dist(dist.get_rank(), dist.get_world_size(), local, owns_group=True, timeout=timeout)
 
 

@@ -32,7 +32,7 @@ from vdm_fast._cli import check_device
 from vdm_fast.data import GlobalBatchSampler, TrainingItems, make_dataset, make_image_source
 from vdm_fast.diffusion import GaussianDiffusion
 from vdm_fast.model import Unet3D
-from vdm_fast.train import distributed, fsdp, graph, resume
+from vdm_fast.train import distributed, frame_parallel, fsdp, graph, resume
 from vdm_fast.train.config import TrainConfig, layout, model_config
 from vdm_fast.train.ema import EMA
 from vdm_fast.train.interrupts import StopSignals, ignore_in_workers
@@ -72,15 +72,18 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.fsdp:
             fsdp.fully_shard_fn()  # this torch has FSDP2, else one line naming --fsdp
+        frame_parallel.check_launch(cfg)
         self.d = distributed.setup_distributed(distributed.device_kind(cfg.device), cfg.ddp_timeout,
-                                               group_of_one=cfg.fsdp)
+                                               group_of_one=cfg.fsdp or cfg.frame_parallel)
+        grid = frame_parallel.setup(cfg, self.d) if cfg.frame_parallel else None  # d's data shard: the replica's
         self.device = distributed.pick_device(cfg.device, self.d)
         if cfg.cuda_graph:
             graph.check(cfg, self.device, self.d.world_size)  # one line naming --cuda-graph where it cannot run
-        if cfg.batch_size % (self.d.world_size * cfg.grad_accum):
-            raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes "
-                             f"({self.d.world_size}) times --grad-accum ({cfg.grad_accum}): it is the global batch")
-        self.local_batch = cfg.batch_size // self.d.world_size
+        if cfg.batch_size % (self.d.data_world * cfg.grad_accum):
+            raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of "
+                             f"{'replicas' if grid else 'processes'} ({self.d.data_world}) times --grad-accum "
+                             f"({cfg.grad_accum}): it is the global batch")
+        self.local_batch = cfg.batch_size // self.d.data_world
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         frames, size = layout(cfg)
@@ -114,7 +117,9 @@ class Trainer:
         # The compiled model shares the parameters; checkpoints and the EMA keep using the plain one.
         net = torch.compile(self.model) if cfg.compile else self.model
         self.train_module = GaussianDiffusion(net, prediction=cfg.prediction) if cfg.compile else self.diffusion
-        if self.d.world_size > 1 and not cfg.fsdp:
+        if grid is not None:  # in DDP's place: gradients summed over each frame group, averaged over replicas
+            self.train_module = frame_parallel.FrameParallelLoss(self.model, cfg.prediction, grid)
+        elif self.d.world_size > 1 and not cfg.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DDP(self.train_module, device_ids=ids)
         if cfg.cuda_graph:  # after resume.load: a loaded AdamW takes the checkpoint's plain hyper-parameters
@@ -155,8 +160,8 @@ class Trainer:
         return path
 
     def loader(self) -> DataLoader:
-        sampler = GlobalBatchSampler(len(self.items), self.local_batch, rank=self.d.rank,
-                                     world_size=self.d.world_size, start_step=self.step, seed=self.cfg.seed,
+        sampler = GlobalBatchSampler(len(self.items), self.local_batch, rank=self.d.data_rank,
+                                     world_size=self.d.data_world, start_step=self.step, seed=self.cfg.seed,
                                      infinite=self.items.infinite)
         w = self.cfg.workers
         # Its own generator: creating an iterator draws a worker base seed, which must not advance the global RNG
@@ -260,6 +265,9 @@ class Trainer:
         n = self.model.parameter_count()
         accum = f" in {cfg.grad_accum} micro-steps" if cfg.grad_accum > 1 else ""
         parallel = " (FSDP: sharded)" if cfg.fsdp else " (DDP)" if self.d.world_size > 1 else ""
+        if cfg.frame_parallel:
+            parallel = f" (frame-parallel: {self.d.world_size // self.d.data_world} per clip x {self.d.data_world} " \
+                       f"replica{'s' if self.d.data_world > 1 else ''})"
         return (f"vdm-fast train: {cfg.preset} Unet3D ({n / 1e6:.2f} M parameters, base {c.base_channels}, mults "
                 f"{list(c.channel_mults)}), {cfg.prediction}-prediction, data {cfg.data}: {self.frames} frames"
                 f"{f' + {cfg.image_frames} images' if cfg.image_frames else ''} of {c.image_size}x{c.image_size}, "
