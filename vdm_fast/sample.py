@@ -61,7 +61,7 @@ def load_run(run, *, ema: bool = True, device: str | torch.device = "auto"):
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    c = ckpt.load(run, map_location="cpu", parts=("model", "ema"))
+    c = ckpt.load(run, map_location="cpu", parts=("model", "ema") if ema else ("model",))  # --no-ema: no EMA read
     model = Unet3D.from_config(c.config["model"])
     if ema and c.ema is None:
         print(f"{c.path}: no EMA weights saved, using the raw weights", file=sys.stderr)
@@ -165,6 +165,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--extend-to (default: the library's)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default: yes, when saved)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (Inductor, the fast ops inside "
+                   "as extern kernels): the first model calls compile, for minutes on a CPU; worth it for long runs "
+                   "on a GPU. Not with --frame-parallel / --cfg-parallel")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of all the sampling noise: the same seed, "
                    "checkpoint and options give the same videos on the same device (default: 0)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if visible, else cpu), cpu, cuda or cuda:N "
@@ -194,6 +197,9 @@ def check_parallel(args: argparse.Namespace) -> tuple[int, int]:
     torchrun's environment, before any process group exists."""
     world = mesh.env_world_size()
     flag = "--frame-parallel" if args.frame_parallel else "--cfg-parallel" if args.cfg_parallel else None
+    if flag is not None and args.compile:
+        raise ValueError(f"--compile with {flag}: the parallel wrappers' collectives are not traced by torch.compile "
+                         "here; use one of the two")
     if args.frame_parallel_size is not None and not args.frame_parallel:
         raise ValueError("--frame-parallel-size is for --frame-parallel only")
     if flag is None:
@@ -336,6 +342,11 @@ def _sample(args: argparse.Namespace, frames: int, size: int, k: int, r: int, de
     say = (lambda msg: print(msg, file=sys.stderr)) if main else (lambda msg: None)
     diffusion, config = load_run(args.run, ema=args.ema, device=device)
     how = _parallelize(diffusion, args, k, r) if parallel else ""
+    if args.compile:
+        # One run calls the model with one shape (extension windows: a second one), so the default (automatic
+        # dynamic: a second shape recompiles once with its sizes symbolic) compiles once or twice. dynamic=True would
+        # also make the layers' float attributes (eps) symbolic, which the ops' argument checks cannot take.
+        diffusion.model = torch.compile(diffusion.model)
     mc, num_classes = config["model"], config.get("data", {}).get("num_classes", 0)
     dev = next(diffusion.model.parameters()).device
     shape = (args.num, mc["in_channels"], frames, size, size)

@@ -8,6 +8,7 @@ backward). Tests: tests/test_rms_norm_silu.py.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,11 +40,29 @@ def rms_norm_silu(
     (C, 1, 1, 1), flattened). scale, shift: optional (B, C) FiLM. activation: "silu" or None.
     Returns y with x's shape, dtype and memory format. The backward gives every gradient and is deterministic.
     """
-    _check(x, weight, eps, scale, shift, activation)
+    if torch.compiler.is_compiling():  # traced once
+        _check(x, weight, eps, scale, shift, activation)
+    else:
+        _checked(x, weight, eps, scale, shift, activation)
     impl = _dispatch.select(SPEC, x.device, x.dtype)
     if impl == "reference":
         return ref.rms_norm_silu(x, weight, eps, scale=scale, shift=shift, activation=activation)
     return _fused(x, weight, float(eps), scale, shift, activation == "silu", impl)
+
+
+# Call signatures whose arguments passed `_check` (the entry is only a marker: the kernels cache their own plans).
+_CALLS = _dispatch.CallCache()
+
+
+def _checked(x, weight, eps, scale, shift, activation) -> None:
+    """`_check`, skipped for a signature (everything it reads) that passed before."""
+    try:
+        key = (type(eps), eps, activation, *_dispatch.tensor_key(x, weight, scale, shift))
+    except AttributeError:  # a non-tensor where a tensor belongs: _check names it
+        key = None
+    if _CALLS.get(key) is None:
+        _check(x, weight, eps, scale, shift, activation)
+        _CALLS.put(key, True)
 
 
 def _check(x, weight, eps, scale, shift, activation) -> None:
@@ -66,8 +85,9 @@ def rstd_shape(x: torch.Tensor) -> tuple[int, ...]:
     return (x.shape[0], *x.shape[2:])
 
 
+@functools.cache  # an import statement per call costs about a tenth of an eager aten dispatch
 def _kernels():
-    # Imported here, not at module level: the kernel module imports triton (optional: the reference runs without it).
+    # Imported on first use, not at module level: the kernel module imports triton, an optional dependency.
     from vdm_fast.kernels import rms_norm_silu as k
 
     return k
@@ -79,12 +99,10 @@ def _fused(x, weight, eps, scale, shift, silu, impl):
     torch.library op, which Dynamo and Inductor see with its fake."""
     if torch.compiler.is_compiling():
         return torch.ops.vdm_fast.rms_norm_silu(x, weight, eps, scale, shift, silu, impl)[0]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
-                                                           for t in (weight, scale, shift))):
-        # Function.apply's Python wrapper only unwraps functorch's dead wrappers: the C apply directly unless a
-        # functorch transform (vmap, grad) is active.
-        apply = _RMSNormSiLU.apply if torch._C._are_functorch_transforms_active() else _APPLY
-        return apply(x, weight, scale, shift, eps, silu)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (scale is not None and scale.requires_grad)
+                                    or (shift is not None and shift.requires_grad)):
+        return _APPLY(x, weight, scale, shift, eps, silu)
     return _kernels().forward(x, weight, scale, shift, eps, silu)[0]
 
 
@@ -178,4 +196,4 @@ def _backward(ctx, dy, _drstd):
 
 
 _rms_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
-_APPLY = super(torch.autograd.Function, _RMSNormSiLU).apply  # torch._C._FunctionBase.apply, bound to the class
+_APPLY = _dispatch.autograd_apply(_RMSNormSiLU)
