@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from vdm_fast import backend, ops
 
-from .common import GPU, NOT_RUN_GPU, check_close, copy_bandwidth_gbps, peak_memory_mb, row, time_ms
+from .common import GPU, NOT_RUN_GPU, copy_bandwidth_gbps, fwd_bwd_rows, row
 
 # (shape, num_groups, per_frame, channels_last): the U-Net video blocks (per frame) and an image block.
 SHAPES = [
@@ -99,31 +99,8 @@ def _bench(shape, num_groups, per_frame, channels_last, quick, copy_bw) -> list[
     liger = _liger(num_groups, per_frame)
     if liger is not None:
         contenders["liger-kernel GroupNorm + eager FiLM/SiLU"] = liger
-    y_ours = ours(*inputs)
-    dy = torch.randn_like(y_ours)
-    grads_ours = torch.autograd.grad(y_ours, inputs, dy)
-    times, rows = {}, []
-    for name, fn in contenders.items():
-        y = fn(*inputs)
-        check_close(f"{name} forward", y, y_ours, TOL)
-        for g, go in zip(torch.autograd.grad(y, inputs, dy, retain_graph=True), grads_ours):
-            check_close(f"{name} backward", g, go, TOL)
-        with torch.no_grad():
-            t_fwd = time_ms(lambda: fn(*inputs), quick=quick)
-        t_bwd = time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), quick=quick)
-        times[name] = (t_fwd, t_bwd)
-    t_ours = times["vdm_fast (triton)"]
-    for name, (t_fwd, t_bwd) in times.items():
-        for i, (direction, nbytes, t) in enumerate((("fwd", fwd_bytes, t_fwd), ("bwd", bwd_bytes, t_bwd))):
-            mine = name == "vdm_fast (triton)"
-            with torch.no_grad():
-                peak = peak_memory_mb(lambda: contenders[name](*inputs)) if direction == "fwd" else None
-            r = row(f"group_norm_silu {direction}", shape, dtype, name if mine else f"vdm_fast vs {name}",
-                    t_ours[i], baseline_ms=None if mine else t, bytes_moved=nbytes, peak_mb=peak, layout=label)
-            if copy_bw and r["gbps"]:
-                r["pct_copy_bw"] = 100 * r["gbps"] / copy_bw
-            rows.append(r)
-    return rows
+    return fwd_bwd_rows("group_norm_silu", contenders, "vdm_fast (triton)", inputs, shape, dtype, fwd_bytes=fwd_bytes,
+                        bwd_bytes=bwd_bytes, layout=label, copy_bw=copy_bw, quick=quick, tol=TOL)
 
 
 def run(quick: bool = False) -> list[dict]:

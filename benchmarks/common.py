@@ -133,6 +133,39 @@ def row(op: str, shape: Any, dtype: Any, contender: str, ms: float | None, *, ba
     return normalize(r)
 
 
+def fwd_bwd_rows(op: str, contenders: dict[str, Callable], ours: str, inputs: tuple, shape, dtype, *,
+                 fwd_bytes: int, bwd_bytes: int, layout: str, copy_bw: float | None, quick: bool,
+                 tol: float) -> list[dict]:
+    """An op's forward and backward against each contender on the same inputs: every contender's output and
+    input gradients checked against ours (`contenders[ours]`) first, then forward (no grad) and backward timed,
+    peak memory of the forward, and one row per (contender, direction), ours first."""
+    y_ours = contenders[ours](*inputs)
+    dy = torch.randn_like(y_ours)
+    grads_ours = torch.autograd.grad(y_ours, inputs, dy)
+    times = {}
+    for name, fn in contenders.items():
+        y = fn(*inputs)
+        check_close(f"{name} forward", y, y_ours, tol)
+        for g, go in zip(torch.autograd.grad(y, inputs, dy, retain_graph=True), grads_ours):
+            check_close(f"{name} backward", g, go, tol)
+        with torch.no_grad():
+            t_fwd = time_ms(lambda: fn(*inputs), quick=quick)
+        t_bwd = time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), quick=quick)
+        times[name] = (t_fwd, t_bwd)
+    rows = []
+    for name, (t_fwd, t_bwd) in times.items():
+        for i, (direction, nbytes, t) in enumerate((("fwd", fwd_bytes, t_fwd), ("bwd", bwd_bytes, t_bwd))):
+            mine = name == ours
+            with torch.no_grad():
+                peak = peak_memory_mb(lambda: contenders[name](*inputs)) if direction == "fwd" else None
+            r = row(f"{op} {direction}", shape, dtype, name if mine else f"vdm_fast vs {name}", times[ours][i],
+                    baseline_ms=None if mine else t, bytes_moved=nbytes, peak_mb=peak, layout=layout)
+            if copy_bw and r["gbps"]:
+                r["pct_copy_bw"] = 100 * r["gbps"] / copy_bw
+            rows.append(r)
+    return rows
+
+
 def needs_gpu(r: dict) -> bool:
     """A row that was not run because it needs a CUDA GPU (kept in the JSON, summarized in one line on CPU)."""
     note = str(r.get("note") or "")

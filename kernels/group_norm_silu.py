@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from vdm_fast.kernels._common import LOG2E, TRITON_DTYPE_NAMES, cdiv, device_guard, next_pow2
+from vdm_fast.kernels._activations import silu, silu_grad
+from vdm_fast.kernels._common import TRITON_DTYPE_NAMES, cdiv, device_guard, next_pow2
 from vdm_fast.kernels._compile import KernelConfig
 
 from vdm_fast.reference.group_norm_silu import memory_format
@@ -69,7 +70,6 @@ TARGET_PROGRAMS = 528  # 4 programs per SM on a 132-SM GPU: fewer rows than this
 L2_BYTES, SMS = 50 * 2**20, 132  # an H100's L2 and SMs: used on the CPU; on a GPU the launcher reads its own
 PARAM_BLOCK_R, PARAM_BLOCK_C = 16, 128
 _NO_SPEC = ["opt_flags", "phase"]
-_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -131,17 +131,16 @@ def _coefs(w_ptr, b_ptr, scale_ptr, shift_ptr, bidx, ch, cmask, scale_stride_b, 
 
 @triton.jit
 def _act(z, opt_flags):
-    if opt_flags & 16:  # OPT_SILU: z * sigmoid(z), exp as one exp2, approximate division (a few instructions)
-        z = tl.fdiv(z, 1.0 + tl.exp2(-z * _LOG2E), ieee_rounding=False)
+    if opt_flags & 16:  # OPT_SILU
+        z = silu(z)
     return z
 
 
 @triton.jit
 def _act_grad(dy, z, opt_flags):
-    """dy * act'(z): silu'(z) = sig(z) * (1 + z * (1 - sig(z)))."""
+    """dy * act'(z)."""
     if opt_flags & 16:
-        sig = tl.fdiv(1.0, 1.0 + tl.exp2(-z * _LOG2E), ieee_rounding=False)
-        dy = dy * sig * (1.0 + z * (1.0 - sig))
+        dy = silu_grad(dy, z)
     return dy
 
 

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from vdm_fast.kernels._common import LOG2E, TRITON_DTYPE_NAMES, cdiv, device_guard, next_pow2
+from vdm_fast.kernels._activations import silu, silu_grad
+from vdm_fast.kernels._common import TRITON_DTYPE_NAMES, cdiv, device_guard, next_pow2
 from vdm_fast.kernels._compile import KernelConfig
 
 from vdm_fast.reference.group_norm_silu import memory_format
@@ -60,7 +61,6 @@ MIN_BLOCK_S_CONTIGUOUS = 16
 CHUNK_SPLIT_BWD = 2  # the chunked backward's tile: TILE_BWD / 2 (see _make_plan)
 TARGET_PROGRAMS = 1056  # backward: about 8 programs per SM of a 132-SM GPU; fewer, longer ones write fewer partials
 PARAM_BLOCK_R, PARAM_BLOCK_C = 16, 128
-_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -93,17 +93,16 @@ def _coefs(w_ptr, scale_ptr, shift_ptr, b, c, cmask, scale_stride_b, shift_strid
 
 @triton.jit
 def _act(z, opt_flags):
-    if opt_flags & 8:  # OPT_SILU: z * sigmoid(z), exp as one exp2, approximate division (a few instructions)
-        z = tl.fdiv(z, 1.0 + tl.exp2(-z * _LOG2E), ieee_rounding=False)
+    if opt_flags & 8:  # OPT_SILU
+        z = silu(z)
     return z
 
 
 @triton.jit
 def _act_grad(dy, z, opt_flags):
-    """dy * act'(z): silu'(z) = sig(z) * (1 + z * (1 - sig(z)))."""
+    """dy * act'(z)."""
     if opt_flags & 8:
-        sig = tl.fdiv(1.0, 1.0 + tl.exp2(-z * _LOG2E), ieee_rounding=False)
-        dy = dy * sig * (1.0 + z * (1.0 - sig))
+        dy = silu_grad(dy, z)
     return dy
 
 
