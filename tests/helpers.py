@@ -148,3 +148,25 @@ def run_ranks(code: str, world: int, *args: str, timeout: float = 300, env: dict
             for p in procs:
                 p.kill()
         return results
+
+
+def sample_videos(run, out, argv) -> torch.Tensor:
+    """The videos tensor `python -m vdm_fast.sample --run RUN --out OUT --no-progress *argv` writes, in this
+    process on the reference backend (a spy on sample.write_outputs keeps it)."""
+    import vdm_fast
+    from vdm_fast import sample
+
+    real = sample.write_outputs
+    saved = {}
+
+    def spy(videos, path, **kw):
+        saved["videos"] = videos
+        return real(videos, path, **kw)
+
+    sample.write_outputs = spy
+    try:
+        with vdm_fast.backend("reference"):
+            assert sample.main(["--run", str(run), "--out", str(out), "--no-progress", *argv]) == 0
+    finally:
+        sample.write_outputs = real
+    return saved["videos"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, sample_videos
 from torch._dynamo.utils import counters
 
 import vdm_fast
@@ -29,21 +29,7 @@ def run(tmp_path_factory):
 
 
 def _sample(run, out, argv) -> torch.Tensor:
-    real = sample.write_outputs
-    saved = {}
-
-    def spy(videos, path, **kw):
-        saved["videos"] = videos
-        return real(videos, path, **kw)
-
-    sample.write_outputs = spy
-    try:
-        with vdm_fast.backend("reference"):
-            assert sample.main(["--run", str(run), "--out", str(out), "--no-progress", "--steps", "2",
-                                "--sampler", "ddim", *argv]) == 0
-    finally:
-        sample.write_outputs = real
-    return saved["videos"]
+    return sample_videos(run, out, ["--steps", "2", "--sampler", "ddim", *argv])
 
 
 @pytest.mark.slow  # Inductor compiles C++ for the U-Net's own kernels: about a minute of one core

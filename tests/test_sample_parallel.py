@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vdm_fast
-from tests.helpers import rel_err, run_ranks
+from tests.helpers import rel_err, run_ranks, sample_videos
 from vdm_fast import sample
 from vdm_fast.train import TrainConfig, train
 
@@ -50,23 +50,6 @@ def run(tmp_path_factory):
     return out
 
 
-def _one_process(run, out, argv) -> torch.Tensor:
-    real = sample.write_outputs
-    saved = {}
-
-    def spy(videos, path, **kw):
-        saved["videos"] = videos
-        return real(videos, path, **kw)
-
-    sample.write_outputs = spy
-    try:
-        with vdm_fast.backend("reference"):
-            assert sample.main(["--run", str(run), "--out", str(out), "--no-progress", *argv]) == 0
-    finally:
-        sample.write_outputs = real
-    return saved["videos"]
-
-
 CASES = {  # world, flags, other options, the wrappers
     "frames": (2, ["--frame-parallel"], ["--num", "2", "--frames", "3"], "FrameParallel"),  # uneven: 2 + 1
     "extend": (2, ["--frame-parallel"], ["--num", "1", "--extend-to", "6", "--window", "4", "--sampler", "ddim"],
@@ -82,7 +65,7 @@ CASES = {  # world, flags, other options, the wrappers
 def test_parallel_sample_writes_the_one_process_videos_from_rank_0(run, tmp_path, monkeypatch, case):
     world, flags, argv, wrapped = CASES[case]
     argv = [*argv, "--steps", "3", "--seed", "5"]
-    want = _one_process(run, tmp_path / "one.png", argv)
+    want = sample_videos(run, tmp_path / "one.png", argv)
     out = tmp_path / "fp.png"
     env = dict(__import__("os").environ, VDM_FAST_BACKEND="reference")
     results = run_ranks(RANK, world, "--run", str(run), "--out", str(out), "--no-progress", *flags, *argv, env=env)
