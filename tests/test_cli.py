@@ -205,7 +205,10 @@ def test_bench_quick_on_cpu_writes_json(tmp_path):
     data = json.loads(files[0].read_text())
     assert data["environment"]["torch"] and data["rows"]
     assert all(r["ms"] and r["ms"] > 0 and r["ms_repeats"] >= 3 for r in data["rows"])
-    assert max(len(line) for line in proc.stdout.splitlines()) <= 120
+    # every line fits 120 columns but the ones naming the files written: a path is as long as it is (pytest's
+    # tmp_path and the device's name in the file name made 133 on a Xeon), and stays whole to be copied
+    long = [line for line in proc.stdout.splitlines() if len(line) > 120 and str(tmp_path) not in line]
+    assert not long, long
     if not torch.cuda.is_available():
         assert all(r["threads"] >= 1 for r in data["rows"])
         assert "no CUDA GPU" in proc.stdout and "CUDA 1" not in proc.stdout.splitlines()[0]

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from helpers import rel_err, run_ranks, sample_videos
 
 import vdm_fast
-from tests.helpers import rel_err, run_ranks, sample_videos
 from vdm_fast import sample
 from vdm_fast.train import TrainConfig, train
 

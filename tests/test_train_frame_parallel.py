@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 import torch
+from helpers import run_ranks
 
 import vdm_fast
-from tests.helpers import run_ranks
 from vdm_fast import checkpoint as ckpt
 from vdm_fast.cli import main as cli
 from vdm_fast.train import TrainConfig
