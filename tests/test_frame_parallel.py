@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import run_ranks
 
 import vdm_fast
 from vdm_fast.parallel import frame_parallel, frame_shards
@@ -183,3 +184,29 @@ def test_bad_use_is_refused(tmp_path):
         fp.unwrap()
     finally:
         dist.destroy_process_group()
+
+
+AGREE = textwrap.dedent('''
+    import os, torch, torch.distributed as dist
+    from vdm_fast.model import Unet3D
+    from vdm_fast.parallel import batch_parallel, frame_parallel
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = Unet3D(base_channels=8, channel_mults=(1,), num_res_blocks=1, attn_resolutions=(4,), attn_head_dim=8,
+                   norm_groups=2, image_size=4, emb_dim=8)
+    fp = frame_parallel(model)
+    nested = batch_parallel(frame_parallel(Unet3D(base_channels=8, channel_mults=(1,), num_res_blocks=1,
+                            attn_resolutions=(4,), attn_head_dim=8, norm_groups=2, image_size=4, emb_dim=8)))
+    got = [w.all_ranks_ok(ok) for w in (fp, nested) for ok in (True, rank == 0)]
+    print("agree", got)
+    dist.destroy_process_group()
+''')
+
+
+def test_graph_capture_agreement_is_collective():
+    """The CUDA graph sampling loop asks the parallel wrappers whether every rank captured: True only when all did,
+    through nested wrappers too (here the one rank's False reaches both ranks)."""
+    results = run_ranks(AGREE, 2, timeout=240)
+    for code, out, err in results:
+        assert code == 0, err[-2000:]
+        assert "agree [True, False, True, False]" in out, out

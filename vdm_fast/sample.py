@@ -15,8 +15,9 @@ processes (default: all; `frame_parallel`), and the world / K groups split the b
 and the two guidance branches; `batch_parallel`); --cfg-parallel puts the conditional and unconditional branches on
 two processes (or two groups of K). Every process loads the checkpoint and runs the whole sampling loop with the same
 generator seed, so all draw the same noise and hold the same videos, equal to one process's to fp32 rounding; only
-rank 0 checks and writes the outputs and prints. The steps run eagerly there (no CUDA graph): a capture that failed
-on one rank only would fall back to eager on that rank alone and unpair the collectives.
+rank 0 checks and writes the outputs and prints. On CUDA each rank captures one step in a CUDA graph (NCCL
+collectives are capturable) and the ranks agree after the capture attempt (`all_ranks_ok` of the parallel wrappers):
+every rank replays, or, if any capture failed, every rank finishes eagerly, so the collectives stay paired.
 """
 
 from __future__ import annotations
@@ -360,7 +361,7 @@ def _sample(args: argparse.Namespace, frames: int, size: int, k: int, r: int, de
                       labels=args.label, num_classes=num_classes, seed=args.seed,
                       extend_to=args.extend_to, window=args.window, overlap=args.overlap,
                       corrector_steps=args.corrector_steps, w_r=args.w_r, progress=args.progress and main,
-                      cuda_graph=False if parallel else None)
+                      cuda_graph=None)
     seconds = time.perf_counter() - t0
     if not main:
         return 0

@@ -325,12 +325,19 @@ def _run_graph_on_device(stepper: Stepper, plan: Plan, bar) -> tuple[bool, str]:
             if "empty" in str(w.message).lower():
                 raise RuntimeError(f"the captured graph is empty ({w.message})")
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        failure = ""
     except Exception as e:  # capture can fail for models that sync or branch on data: finish eagerly
+        failure = f"capture failed ({type(e).__name__}: {str(e)[:300]})"
+    # A model split over processes (vdm_fast.parallel) replays on every rank or on none: its collectives must match.
+    agree = getattr(plan.model, "all_ranks_ok", None)
+    if agree is not None and not agree(not failure):
+        failure = failure or "another rank's capture failed: every rank finishes eagerly"
+    if failure:
         del graph
         torch.cuda.synchronize(plan.device)
         stepper.restore(saved)
         _run_eager(stepper, plan, bar, WARMUP_STEPS)
-        return False, f"capture failed ({type(e).__name__}: {str(e)[:300]})"
+        return False, failure
     for _ in range(WARMUP_STEPS, n - 1):
         stepper.draw()
         graph.replay()

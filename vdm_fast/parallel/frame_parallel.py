@@ -219,6 +219,20 @@ def _why_not_frame_local(module: nn.Module) -> str | None:
     return f"{type(module).__name__} is not a layer frame_parallel knows to be local to each frame"
 
 
+def _all_ranks_ok(model: nn.Module, group, ok: bool) -> bool:
+    """True when `ok` holds on every rank of `group` (and, first, of the wrapped model's own group, for nested
+    wrappers): one MIN all-reduce of a flag, on the device the group's backend reduces on. GaussianDiffusion's CUDA
+    graph loop calls it after each rank's capture attempt: a rank replaying a graph while another steps eagerly
+    would issue its collectives in a different order, so either every rank replays or none does."""
+    inner = getattr(model, "all_ranks_ok", None)
+    if inner is not None:
+        ok = inner(ok)
+    nccl = dist.get_backend(group) == "nccl"
+    flag = torch.tensor([1 if ok else 0], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
 class FrameParallel(nn.Module):
     """A model run with its frames split across a process group (see the module docstring)."""
 
@@ -254,6 +268,10 @@ class FrameParallel(nn.Module):
     @property
     def world_size(self) -> int:
         return self._state.world
+
+    def all_ranks_ok(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank of the frame group (see `_all_ranks_ok`)."""
+        return _all_ranks_ok(self.model, self._state.group, ok)
 
     def shard_of(self, num_frames: int) -> slice:
         """The frames this rank computes, of a video of `num_frames`."""
@@ -350,6 +368,10 @@ class BatchParallel(nn.Module):
         rank, world = _group_info(group)
         self.model, self.group, self.rank, self.world = model, group, rank, world
         self._state = _State(group, rank, world)
+
+    def all_ranks_ok(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank of the group, the wrapped model's group included (see `_all_ranks_ok`)."""
+        return _all_ranks_ok(self.model, self.group, ok)
 
     def forward(self, x: torch.Tensor, logsnr: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         b = x.shape[0]
