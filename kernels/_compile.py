@@ -398,12 +398,15 @@ class _Unprojected(torch.nn.Module):
         return x.new_empty(*x.shape[:-1], self.out_features).requires_grad_()
 
 
-def _gn_case(shape, per_frame, channels_last, film=True, dtype=torch.bfloat16, groups=32):
+def film_norm_case(layer_name: str, shape, channels_last: bool, film: bool = True, dtype=torch.bfloat16, args=(),
+                   **kw):
+    """A launch case: vdm_fast.layers.<layer_name>(*args, C, **kw) (a norm layer taking (x, scale, shift)) forward and
+    backward on a (B, C, ...) `shape` input in `dtype`, channels_last(_3d) or contiguous, with (B, C) FiLM or none."""
     def run():
-        from vdm_fast.layers import GroupNormSiLU  # the layers import the kernels: imported when the case runs
+        from vdm_fast import layers  # the layers import the ops above the kernels: imported when the case runs
 
         B, C = shape[:2]
-        layer = GroupNormSiLU(groups, C, per_frame=per_frame).to(dtype)
+        layer = getattr(layers, layer_name)(*args, C, **kw).to(dtype)
         fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)] if channels_last else \
             torch.contiguous_format
         x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
@@ -412,6 +415,10 @@ def _gn_case(shape, per_frame, channels_last, film=True, dtype=torch.bfloat16, g
         y = layer(x, scale, shift)
         y.backward(torch.empty_like(y))
     return run
+
+
+def _gn_case(shape, per_frame, channels_last, film=True, dtype=torch.bfloat16, groups=32):
+    return film_norm_case("GroupNormSiLU", shape, channels_last, film, dtype, args=(groups,), per_frame=per_frame)
 
 
 def _attention_case(batch, channels, size, heads, frames=16, dtype=torch.bfloat16, mask=False):

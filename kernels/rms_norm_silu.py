@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from vdm_fast.kernels._activations import silu, silu_grad
 from vdm_fast.kernels._common import TRITON_DTYPE_NAMES, cdiv, device_guard, next_pow2
-from vdm_fast.kernels._compile import KernelConfig
+from vdm_fast.kernels._compile import KernelConfig, film_norm_case
 
 from vdm_fast.reference.group_norm_silu import memory_format
 
@@ -539,18 +539,7 @@ def compile_configs() -> list[KernelConfig]:
 
 
 def _layer_case(shape, channels_last, film=True, dtype=torch.bfloat16):
-    def run():
-        from vdm_fast.layers import RMSNormSiLU  # the layers import the ops above the kernels: imported when run
-
-        B, C = shape[:2]
-        layer = RMSNormSiLU(C).to(dtype)
-        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-        x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
-        scale = torch.empty(B, C, dtype=dtype).requires_grad_() if film else None
-        shift = torch.empty(B, C, dtype=dtype).requires_grad_() if film else None
-        y = layer(x, scale, shift)
-        y.backward(torch.empty_like(y))
-    return run
+    return film_norm_case("RMSNormSiLU", shape, channels_last, film, dtype)
 
 
 def compile_cases():
