@@ -14,6 +14,11 @@ import os
 import sys
 from collections.abc import Callable
 
+
+def say(msg: str) -> None:
+    """One line for the user on stderr (stdout stays for what a command outputs): the CLIs' and the run's messages."""
+    print(msg, file=sys.stderr)
+
 USAGE_ERROR = 2
 INTERRUPTED = 130
 # Errors a user can cause: a bad option value the library rejects, a missing file or folder, a missing optional

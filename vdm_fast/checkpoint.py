@@ -59,6 +59,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from vdm_fast._cli import say  # the default `log` of checkpoints and the run folder
 from vdm_fast._fsutil import atomic_write_text, exchange, fsync_dir, is_atomic_temp
 
 STEP_DIR = re.compile(r"^step_([0-9]+)\Z")  # ASCII digits, no trailing newline (as `$` would allow)
@@ -440,11 +441,6 @@ def exists(run_dir) -> bool:
         return False
     except CheckpointError:
         return True
-
-
-def say(msg: str) -> None:
-    """The default `log` of checkpoints and the run folder: one line on stderr."""
-    print(msg, file=sys.stderr)
 
 
 def find_resume(run, last_good: bool = False, *, log=say) -> Path:

@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from vdm_fast import checkpoint as ckpt
+from vdm_fast._cli import say
 from vdm_fast.data import BadDataError
 from vdm_fast.train.config import TrainConfig, lr_at
 from vdm_fast.train.distributed import Dist
@@ -26,10 +26,6 @@ from vdm_fast.train.distributed import Dist
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row: the run stopped without saving them."""
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 class Monitor:
@@ -61,7 +57,7 @@ class Monitor:
                     "--skip-bad-data N replaces up to N unreadable files by the next readable clip"
                 raise BadDataError(f"{message} (step {step}; {allow})", path)
             if self.d.main:
-                _say(f"step {step}: {message}: replaced by the next readable clip ({len(self.bad_files)} of "
+                say(f"step {step}: {message}: replaced by the next readable clip ({len(self.bad_files)} of "
                      f"--skip-bad-data {n})")
 
     # ---- the non-finite guard -------------------------------------------------------------------------------------
@@ -76,7 +72,7 @@ class Monitor:
         what = f"loss {float(r.loss):g}, gradient norm {r.grad_norm:g}"
         if self.in_a_row < n:
             if self.d.main:
-                _say(f"step {step}: non-finite {what}: update skipped ({self.in_a_row} in a row; the run stops at "
+                say(f"step {step}: non-finite {what}: update skipped ({self.in_a_row} in a row; the run stops at "
                      f"--max-nonfinite-steps {n})")
             return
         newest = self.newest_checkpoint() if self.d.main else ""

@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import sys
 from collections.abc import Collection
 from pathlib import Path
 
 from vdm_fast import checkpoint as ckpt
 from vdm_fast import run_dir
+from vdm_fast._cli import say
 from vdm_fast.train import fsdp, graph
 from vdm_fast.train.config import TrainConfig, merge_resumed
 from vdm_fast.train.distributed import gather_rng
@@ -31,10 +31,6 @@ from vdm_fast.train.logs import LOSS_PNG
 # What a run writes into its folder (what --overwrite removes; anything else is left alone).
 RUN_ENTRIES = ("checkpoints", run_dir.LOG, LOSS_PNG, "samples")
 _OVERWRITTEN = ".overwritten-"
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 def claim(out: Path) -> run_dir.RunLock:
@@ -74,7 +70,7 @@ def prepare_new_run(out: Path, cfg: TrainConfig, *, main: bool) -> None:
             shutil.rmtree(tomb) if tomb.is_dir() else tomb.unlink()
             removed.append(p.name)
     if removed:
-        _say(f"--overwrite: removed {', '.join(removed)} of the previous run in {str(out)!r}")
+        say(f"--overwrite: removed {', '.join(removed)} of the previous run in {str(out)!r}")
 
 
 def resolve(out: Path, cfg: TrainConfig, given: Collection[str] | None, *, main: bool
@@ -84,9 +80,9 @@ def resolve(out: Path, cfg: TrainConfig, given: Collection[str] | None, *, main:
         return cfg, None
     if not ckpt.exists(out):
         if main:
-            _say(f"--resume: no checkpoint in {str(out)!r} yet, starting from step 0")
+            say(f"--resume: no checkpoint in {str(out)!r} yet, starting from step 0")
         return cfg, None
-    path = ckpt.find_resume(out, last_good=cfg.resume_from_last_good, log=_say if main else (lambda m: None))
+    path = ckpt.find_resume(out, last_good=cfg.resume_from_last_good, log=say if main else (lambda m: None))
     saved = ckpt.load(path, parts=()).config.get("train", {})
     return merge_resumed(saved, cfg, given), path
 
@@ -133,11 +129,11 @@ def load(trainer, path: Path) -> None:
         ckpt.set_rng_state(rngs[key])
     if d.main:
         if saved_world != d.world_size:
-            _say(f"resuming a {saved_world}-process run on {d.world_size}: the data stream continues but the "
+            say(f"resuming a {saved_world}-process run on {d.world_size}: the data stream continues but the "
                  "trajectory is no longer bitwise that of an uninterrupted run")
         logged = run_dir.truncate_log(trainer.out / run_dir.LOG, trainer.step)
         trainer.time_offset = float(c.state.get("train_time", logged[-1].get("time", 0.0) if logged else 0.0))
-        _say(f"resumed from {path} at step {trainer.step}")
+        say(f"resumed from {path} at step {trainer.step}")
 
 
 def save(trainer) -> Path | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import sys
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from vdm_fast import run_dir
-from vdm_fast._cli import check_device
+from vdm_fast._cli import check_device, say
 from vdm_fast.data import GlobalBatchSampler, TrainingItems, make_dataset, make_image_source
 from vdm_fast.diffusion import GaussianDiffusion
 from vdm_fast.model import Unet3D
@@ -40,10 +39,6 @@ from vdm_fast.train.logs import LOSS_PNG, plot_losses, progress
 from vdm_fast.train.monitor import Monitor, TrainingDiverged
 from vdm_fast.train.samples import write_samples
 from vdm_fast.train.step import TrainStep, make_scaler
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 class Trainer:
@@ -175,12 +170,12 @@ class Trainer:
     def run(self) -> dict:
         cfg, main = self.cfg, self.d.main
         if main:
-            _say(self.describe())
+            say(self.describe())
         mon = self.monitor
         result = {"losses": [], "step": self.step, "out": str(self.out), "interrupted": 0, "skipped": mon.skipped}
         if self.step >= cfg.steps:
             if main:
-                _say(f"already at step {self.step} >= --steps {cfg.steps}: nothing to do")
+                say(f"already at step {self.step} >= --steps {cfg.steps}: nothing to do")
             return result
         self.log = run_dir.LogWriter(self.out / run_dir.LOG) if main else None
         bar = progress(cfg, self.step) if main else None
@@ -212,7 +207,7 @@ class Trainer:
                         path = self.save()
                     if stopping:
                         if main:
-                            _say(f"{stop.name} at step {self.step}: saved {path}; continue with: vdm-fast train "
+                            say(f"{stop.name} at step {self.step}: saved {path}; continue with: vdm-fast train "
                                  f"--out {self.out} --resume")
                         result["interrupted"] = stop.exit_code
                         break
@@ -234,7 +229,7 @@ class Trainer:
         result.update(step=self.step, skipped=mon.skipped)
         if main and not result["interrupted"]:
             last = result["losses"][-1][1] if result["losses"] else float("nan")
-            _say(f"done: step {self.step}, loss {last:.4f}, {time.time() - self._t0:.1f} s"
+            say(f"done: step {self.step}, loss {last:.4f}, {time.time() - self._t0:.1f} s"
                  f"{f', {mon.skipped} non-finite steps skipped' if mon.skipped else ''}; checkpoints in "
                  f"{self.out / 'checkpoints'}")
         return result
