@@ -25,6 +25,7 @@ import ctypes.util
 import errno
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +76,19 @@ def _default_mode() -> int:
     umask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def remove_via_tombstone(path, tomb) -> None:
+    """Remove `path` (a file or a folder) crash-safely: renamed to `tomb`, a name in the same folder, first (atomic:
+    from then on `path` is gone as a whole), then deleted. A kill during the delete leaves only `tomb`, whose name
+    says what it is (the caller's cleanup removes it)."""
+    path, tomb = _as_path(path), _as_path(tomb, "tomb")
+    os.replace(path, tomb)
+    fsync_dir(tomb.parent)
+    if tomb.is_dir() and not tomb.is_symlink():
+        shutil.rmtree(tomb, ignore_errors=True)
+    else:
+        tomb.unlink(missing_ok=True)
 
 
 def probe_writable(folder) -> None:

@@ -60,7 +60,7 @@ import safetensors.torch
 import torch
 
 from vdm_fast._cli import say  # the default `log` of checkpoints and the run folder
-from vdm_fast._fsutil import atomic_write_text, exchange, fsync_dir, is_atomic_temp
+from vdm_fast._fsutil import atomic_write_text, exchange, fsync_dir, is_atomic_temp, remove_via_tombstone
 
 STEP_DIR = re.compile(r"^step_([0-9]+)\Z")  # ASCII digits, no trailing newline (as `$` would allow)
 LATEST = "latest"
@@ -661,10 +661,8 @@ def prune(run, keep: int, protect: Path | int | Iterable | None = None) -> list[
     for _, p in step_dirs(ckpt_dir)[:-keep]:
         if p.resolve() in keep_set:
             continue
-        tomb = ckpt_dir / f"{TRASH_PREFIX}{p.name}-{os.getpid()}-{secrets.token_hex(4)}"  # the pid: see _owner_alive
-        os.replace(p, tomb)
-        fsync_dir(ckpt_dir)
-        shutil.rmtree(tomb, ignore_errors=True)
+        # the pid in the tombstone's name: see _owner_alive
+        remove_via_tombstone(p, ckpt_dir / f"{TRASH_PREFIX}{p.name}-{os.getpid()}-{secrets.token_hex(4)}")
         removed.append(p)
     return removed
 

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 from collections.abc import Collection
@@ -23,6 +22,7 @@ from pathlib import Path
 from vdm_fast import checkpoint as ckpt
 from vdm_fast import run_dir
 from vdm_fast._cli import say
+from vdm_fast._fsutil import remove_via_tombstone
 from vdm_fast.train import fsdp, graph
 from vdm_fast.train.config import TrainConfig, merge_resumed
 from vdm_fast.train.distributed import gather_rng
@@ -64,10 +64,8 @@ def prepare_new_run(out: Path, cfg: TrainConfig, *, main: bool) -> None:
     removed = []
     for p in entries:
         if p.name in RUN_ENTRIES:
-            # Renamed first (atomic): a kill during the delete leaves no half run behind, only a hidden leftover.
-            tomb = out / f"{_OVERWRITTEN}{p.name}-{secrets.token_hex(4)}"
-            os.replace(p, tomb)
-            shutil.rmtree(tomb) if tomb.is_dir() else tomb.unlink()
+            # a kill during the delete leaves no half run behind, only a hidden leftover
+            remove_via_tombstone(p, out / f"{_OVERWRITTEN}{p.name}-{secrets.token_hex(4)}")
             removed.append(p.name)
     if removed:
         say(f"--overwrite: removed {', '.join(removed)} of the previous run in {str(out)!r}")
