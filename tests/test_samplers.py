@@ -5,6 +5,8 @@ reproducibility, argument checks, CUDA graphs. The fused update itself: tests/te
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from helpers import GPU
@@ -542,11 +544,17 @@ def _bimodal_error(sampler: str, steps: int, timesteps=None, n: int = 65536, see
 def test_dpmpp_2m_keeps_modes_sharp_on_bimodal_data():
     """Bimodal data, exact denoiser, Wasserstein-1 error to the data: dpmpp_2m at 25 calls is clearly below DDIM at
     25 calls (on DDIM's default grid and on the same grid) and close to the paper's 256-step ancestral sampler."""
-    seed = _seed()
-    fast = _bimodal_error("dpmpp_2m", 25, seed=seed)
-    ddim = _bimodal_error("ddim", 25, seed=seed)
-    ddim_same_grid = _bimodal_error("ddim", 25, "karras", seed=seed)
-    ancestral_256 = _bimodal_error("ancestral", 256, seed=seed)
+    # Each error is a Monte Carlo estimate whose noise (~floor) is as large as the gap tested: the median over three
+    # fresh seeds (a single seed failed once: 0.0084 against 0.0030, where the typical pair is 0.005 against 0.004).
+    seeds = [_seed() for _ in range(3)]
+
+    def error(*args) -> float:
+        return statistics.median(_bimodal_error(*args, seed=seed) for seed in seeds)
+
+    fast = error("dpmpp_2m", 25)
+    ddim = error("ddim", 25)
+    ddim_same_grid = error("ddim", 25, "karras")
+    ancestral_256 = error("ancestral", 256)
     floor = 0.8 * 0.6 / 65536**0.5  # Monte Carlo alone
     assert fast < 0.6 * ddim and fast < 0.4 * ddim_same_grid, (fast, ddim, ddim_same_grid)
     assert fast < 1.6 * ancestral_256 + floor, (fast, ancestral_256)
